@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint format train-digits clean
+
+# torch and torchvision go in first, in one pip command: PyPI's torchvision only
+# imports beside the matching torch, and the oracles (timm, transformers) need it.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(STAMP)
+	$(PY) -m vit_core demo
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+# Re-trains the shipped digits model (reproducible; seeds fixed).
+train-digits: $(STAMP)
+	$(PY) scripts/train_digits.py --out vit_core/assets/vit-digits --force
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

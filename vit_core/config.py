@@ -1,0 +1,376 @@
+"""`ViTConfig`: the architecture of a ViT, as Hugging Face writes it in `config.json`.
+
+Field names and defaults are transformers' `ViTConfig`, so a `config.json` written here
+loads in transformers and one written by transformers loads here; keys this class does
+not know are kept and written back, never dropped. A few fields go beyond transformers,
+for checkpoints whose numerics it cannot express (timm, the original JAX release,
+big_vision); they are listed in `EXTENSION_FIELDS` and default to transformers'
+behaviour, so an HF folder means the same thing here as there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vit_core._io import atomic_write_text, local_path
+from vit_core.errors import ConfigError, InputError
+
+CONFIG_NAME = "config.json"
+
+# Activation names as transformers' ACT2FN spells them; each twin maps them to its
+# framework's function. "gelu" is the exact (erf) form; the tanh form has three names.
+ACTIVATIONS = (
+    "gelu",
+    "gelu_new",
+    "gelu_pytorch_tanh",
+    "gelu_fast",
+    "quick_gelu",
+    "relu",
+    "silu",
+    "swish",
+    "tanh",
+)
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+POOLING_TYPES = ("cls", "mean")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+# Fields this package adds to transformers' ViTConfig. transformers keeps them as plain
+# attributes but ignores them, so a config that departs from their defaults computes a
+# different function there (see `transformers_compatible`).
+EXTENSION_FIELDS = {"use_class_token": True, "pooling_type": "cls", "classifier_uses_pooler": False}
+
+# Architecture of the standard sizes (ViT paper, Table 1; tiny and small from DeiT/timm).
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3},
+    "small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6},
+    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16},
+    "huge": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16},
+}
+PATCH_SIZES = (8, 14, 16, 32)
+_PRESET_PATTERN = re.compile(r"^vit[-_](?P<size>[a-z]+)[-_]patch(?P<patch>\d+)[-_](?P<res>\d+)$")
+
+
+def _pair(value: int | list[int] | tuple[int, ...], name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    raise ConfigError(
+        f"ViTConfig.{name} must be an int or a pair of ints (height, width); got {value!r}"
+    )
+
+
+@dataclass
+class ViTConfig:
+    """Architecture and label set of a ViT; validated on construction.
+
+    `image_size` and `patch_size` take an int or a (height, width) pair, as in
+    transformers. The three extension fields (defaults = transformers' behaviour):
+
+    - `use_class_token`: prepend a learned class token (False for big_vision `gap` models).
+    - `pooling_type`: "cls" pools the class token, "mean" averages the patch tokens
+      (the class token, if any, excluded) after the final LayerNorm.
+    - `classifier_uses_pooler`: the classifier reads the pooler's output (Dense + tanh,
+      the JAX `pre_logits` layer of ImageNet-21k checkpoints) instead of the pooled token.
+    """
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    image_size: int | tuple[int, int] = 224
+    patch_size: int | tuple[int, int] = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    encoder_stride: int = 16
+    pooler_output_size: int | None = None
+    pooler_act: str = "tanh"
+    use_class_token: bool = True
+    pooling_type: str = "cls"
+    classifier_uses_pooler: bool = False
+    num_labels: int | None = None
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    problem_type: str | None = None
+    architectures: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, list):
+            self.image_size = tuple(self.image_size)
+        if isinstance(self.patch_size, list):
+            self.patch_size = tuple(self.patch_size)
+        if self.pooler_output_size is None:
+            self.pooler_output_size = self.hidden_size
+        self._settle_labels()
+        self.validate()
+
+    # ----------------------------------------------------------------- labels
+    def _settle_labels(self) -> None:
+        """Make num_labels, id2label and label2id agree, as transformers' PretrainedConfig does."""
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            if self.num_labels is not None and self.num_labels != len(self.id2label):
+                raise ConfigError(
+                    f"ViTConfig: num_labels={self.num_labels} but id2label has "
+                    f"{len(self.id2label)} entries; give one of them, or make them agree"
+                )
+            self.num_labels = len(self.id2label)
+        else:
+            if self.num_labels is None:
+                self.num_labels = 2  # transformers' default
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        if sorted(self.id2label) != list(range(self.num_labels)):
+            raise ConfigError(
+                f"ViTConfig.id2label keys must be 0..{self.num_labels - 1}; "
+                f"got {sorted(self.id2label)}"
+            )
+        if self.label2id is None:
+            self.label2id = {v: k for k, v in self.id2label.items()}
+            return
+        # Not required to be the exact inverse: ImageNet's label set repeats names.
+        self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
+        for name, index in self.label2id.items():
+            if self.id2label.get(index) != name:
+                raise ConfigError(
+                    f"ViTConfig.label2id[{name!r}] = {index}, but id2label[{index}] = "
+                    f"{self.id2label.get(index)!r}; make the two label maps agree"
+                )
+
+    # ------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first field that cannot describe a ViT."""
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "num_channels",
+            "pooler_output_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"ViTConfig.{name} must be a positive int; got {value!r}")
+        if self.num_labels < 0:
+            raise ConfigError(f"ViTConfig.num_labels must be >= 0; got {self.num_labels}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"ViTConfig.hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}; each head needs an equal share"
+            )
+        image, patch = self.image_hw, self.patch_hw
+        if min(image) <= 0 or min(patch) <= 0:
+            raise ConfigError(
+                f"ViTConfig image_size={self.image_size} and patch_size={self.patch_size} "
+                "must be positive"
+            )
+        if image[0] % patch[0] or image[1] % patch[1]:
+            raise ConfigError(
+                f"ViTConfig.image_size={image} is not a multiple of patch_size={patch}; "
+                "choose an image size divisible by the patch size"
+            )
+        for name in ("hidden_act", "pooler_act"):
+            if getattr(self, name) not in ACTIVATIONS:
+                raise ConfigError(
+                    f"ViTConfig.{name}={getattr(self, name)!r} is not supported; "
+                    f"choose one of {', '.join(ACTIVATIONS)}"
+                )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"ViTConfig.{name} must be in [0, 1); got {getattr(self, name)}")
+        if not self.layer_norm_eps > 0:
+            raise ConfigError(f"ViTConfig.layer_norm_eps must be > 0; got {self.layer_norm_eps}")
+        if self.pooling_type not in POOLING_TYPES:
+            raise ConfigError(
+                f"ViTConfig.pooling_type={self.pooling_type!r}; choose one of {POOLING_TYPES}"
+            )
+        if not self.use_class_token and self.pooling_type == "cls":
+            raise ConfigError(
+                "ViTConfig: use_class_token=False needs pooling_type='mean' "
+                "(there is no class token to pool)"
+            )
+        if self.classifier_uses_pooler and self.pooler_output_size != self.hidden_size:
+            raise ConfigError(
+                "ViTConfig: classifier_uses_pooler=True needs pooler_output_size == hidden_size"
+            )
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ConfigError(
+                f"ViTConfig.problem_type={self.problem_type!r}; choose one of {PROBLEM_TYPES}"
+            )
+
+    # ------------------------------------------------------- derived geometry
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return _pair(self.image_size, "image_size")
+
+    @property
+    def patch_hw(self) -> tuple[int, int]:
+        return _pair(self.patch_size, "patch_size")
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        """Patches per column and per row at `image_size`."""
+        (h, w), (ph, pw) = self.image_hw, self.patch_hw
+        return h // ph, w // pw
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.use_class_token)
+
+    @property
+    def num_positions(self) -> int:
+        """Rows of the position-embedding table: one per patch, plus the class token's."""
+        gh, gw = self.grid_hw
+        return gh * gw + self.num_prefix_tokens
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def check_pixel_shape(self, shape: tuple[int, ...], interpolate_pos_encoding: bool) -> None:
+        """Fail before any compute on pixel_values the model cannot read (both twins call it)."""
+        if len(shape) != 4:
+            raise InputError(
+                f"pixel_values must be (batch, channels, height, width); got shape {shape}"
+            )
+        _, channels, height, width = shape
+        if channels != self.num_channels:
+            raise InputError(
+                f"pixel_values have {channels} channels; the model expects {self.num_channels}"
+            )
+        (ph, pw), (h0, w0) = self.patch_hw, self.image_hw
+        if height % ph or width % pw:
+            raise InputError(
+                f"input size {height}x{width} is not a multiple of the patch size {ph}x{pw}; "
+                "resize the image (the patch size of a trained model cannot change)"
+            )
+        if not interpolate_pos_encoding and (height, width) != (h0, w0):
+            raise InputError(
+                f"input size {height}x{width} does not match the model's {h0}x{w0}; resize the "
+                "image, or pass interpolate_pos_encoding=True to resample the position embeddings"
+            )
+
+    @property
+    def transformers_compatible(self) -> bool:
+        """Whether transformers computes the same function from this config."""
+        return all(getattr(self, k) == v for k, v in EXTENSION_FIELDS.items())
+
+    def resolved_problem_type(self, labels_are_integers: bool) -> str:
+        """The loss transformers would pick for these labels (see its `ForImageClassification`)."""
+        if self.problem_type is not None:
+            return self.problem_type
+        if self.num_labels == 1:
+            return "regression"
+        if labels_are_integers:
+            return "single_label_classification"
+        return "multi_label_classification"
+
+    # ------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        """The `config.json` content; unknown keys read earlier are written back."""
+        out: dict[str, Any] = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "num_labels"):
+                continue
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                value = list(value)
+            if f.name == "id2label":
+                value = {str(k): v for k, v in value.items()}
+            out[f.name] = value
+        out["model_type"] = "vit"
+        return dict(sorted(out.items()))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> ViTConfig:
+        data = {**data, **overrides}
+        model_type = data.get("model_type", "vit")
+        if model_type != "vit":
+            raise ConfigError(
+                f"config has model_type={model_type!r}; this package reads plain ViT ('vit') "
+                "configs only"
+            )
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known and k != "model_type"}
+        extra.update(data.get("extra", {}))
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> ViTConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except TypeError as exc:  # a field of the wrong JSON type
+            raise ConfigError(f"{path}: {exc}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides: Any) -> ViTConfig:
+        """Read `config.json` from a local folder (or the file itself)."""
+        path = local_path(path)
+        config = cls.from_json_file(path / CONFIG_NAME if path.is_dir() else path)
+        return dataclasses.replace(config, **overrides) if overrides else config
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return atomic_write_text(folder / CONFIG_NAME, self.to_json_string())
+
+    # ---------------------------------------------------------------- presets
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> ViTConfig:
+        """A standard architecture by checkpoint name, e.g. "vit-base-patch16-224".
+
+        Sizes tiny/small/base/large/huge, patches 8/14/16/32, any resolution that the
+        patch divides. Numerics are those of the Hugging Face hub configs of that name.
+        """
+        match = _PRESET_PATTERN.match(name.strip().lower())
+        valid = (
+            f"vit-{{{'|'.join(SIZES)}}}-patch{{{'|'.join(map(str, PATCH_SIZES))}}}-RESOLUTION, "
+            "e.g. vit-base-patch16-224 or vit-large-patch32-384"
+        )
+        if not match:
+            raise ConfigError(f"unknown model name {name!r}; valid names: {valid}")
+        size, patch, res = match["size"], int(match["patch"]), int(match["res"])
+        if size not in SIZES or patch not in PATCH_SIZES:
+            raise ConfigError(f"unknown model name {name!r}; valid names: {valid}")
+        arch = SIZES[size]
+        return cls(
+            **arch,
+            intermediate_size=4 * arch["hidden_size"],
+            patch_size=patch,
+            image_size=res,
+            encoder_stride=patch,
+            **overrides,
+        )

@@ -1,0 +1,257 @@
+"""The canonical weight layout, written down once.
+
+On disk a model is a folder in Hugging Face transformers' ViT PyTorch layout:
+
+    model.safetensors          the tensors below, float32 unless saved otherwise
+    config.json                `ViTConfig.to_dict()`
+    preprocessor_config.json   `ViTImageProcessor.to_dict()` (optional)
+
+Keys of `ViTModel` (classification models prefix every key with `vit.` and add the
+top-level `classifier.*`). Symbols: D hidden_size, C num_channels, (Ph, Pw) patch size,
+T num_positions (patches + class token), I intermediate_size, Dp pooler_output_size,
+K num_labels, {i} the layer index 0..num_hidden_layers-1. Linear weights are
+(out_features, in_features) and the patch projection is a Conv2d kernel (O, I, H, W),
+exactly as in transformers; the Flax twin transposes on load, never on disk.
+
+The twins hold the same weights under a shorter *internal* vocabulary (`norm1`,
+`attention.qkv`, `attention.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`, the words of timm
+and big_vision) with query, key and value fused into one (3D, D) projection, so that
+attention costs one matmul. `to_internal` and `to_canonical` are the only bridge.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from vit_core.config import ViTConfig
+from vit_core.errors import LayoutError
+
+WEIGHTS_NAME = "model.safetensors"
+BASE_PREFIX = "vit."
+LAYER = "encoder.layer.{i}."  # canonical
+BLOCK = "encoder.layers.{i}."  # internal
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One canonical tensor: its key, symbolic shape, the internal name, and what it is."""
+
+    key: str
+    shape: tuple[str, ...]
+    internal: str
+    meaning: str
+
+
+# fmt: off
+TABLE: tuple[Entry, ...] = (
+    Entry("embeddings.cls_token", ("1", "1", "D"), "embeddings.cls_token",
+          "class token; absent when use_class_token is false"),
+    Entry("embeddings.position_embeddings", ("1", "T", "D"), "embeddings.position_embeddings",
+          "learned positions, class token's first, then patches row-major"),
+    Entry("embeddings.patch_embeddings.projection.weight", ("D", "C", "Ph", "Pw"),
+          "embeddings.patch_embeddings.weight", "patch projection, a stride-P Conv2d kernel"),
+    Entry("embeddings.patch_embeddings.projection.bias", ("D",),
+          "embeddings.patch_embeddings.bias", "patch projection bias"),
+    Entry(LAYER + "layernorm_before.weight", ("D",), BLOCK + "norm1.weight",
+          "pre-attention LayerNorm scale"),
+    Entry(LAYER + "layernorm_before.bias", ("D",), BLOCK + "norm1.bias",
+          "pre-attention LayerNorm shift"),
+    Entry(LAYER + "attention.attention.query.weight", ("D", "D"), BLOCK + "attention.qkv.weight",
+          "query projection (rows 0:D of the fused qkv)"),
+    Entry(LAYER + "attention.attention.query.bias", ("D",), BLOCK + "attention.qkv.bias",
+          "query bias; absent when qkv_bias is false"),
+    Entry(LAYER + "attention.attention.key.weight", ("D", "D"), BLOCK + "attention.qkv.weight",
+          "key projection (rows D:2D of the fused qkv)"),
+    Entry(LAYER + "attention.attention.key.bias", ("D",), BLOCK + "attention.qkv.bias",
+          "key bias; absent when qkv_bias is false"),
+    Entry(LAYER + "attention.attention.value.weight", ("D", "D"), BLOCK + "attention.qkv.weight",
+          "value projection (rows 2D:3D of the fused qkv)"),
+    Entry(LAYER + "attention.attention.value.bias", ("D",), BLOCK + "attention.qkv.bias",
+          "value bias; absent when qkv_bias is false"),
+    Entry(LAYER + "attention.output.dense.weight", ("D", "D"), BLOCK + "attention.proj.weight",
+          "attention output projection, heads concatenated in order"),
+    Entry(LAYER + "attention.output.dense.bias", ("D",), BLOCK + "attention.proj.bias",
+          "attention output bias"),
+    Entry(LAYER + "layernorm_after.weight", ("D",), BLOCK + "norm2.weight",
+          "pre-MLP LayerNorm scale"),
+    Entry(LAYER + "layernorm_after.bias", ("D",), BLOCK + "norm2.bias",
+          "pre-MLP LayerNorm shift"),
+    Entry(LAYER + "intermediate.dense.weight", ("I", "D"), BLOCK + "mlp.fc1.weight",
+          "MLP expansion"),
+    Entry(LAYER + "intermediate.dense.bias", ("I",), BLOCK + "mlp.fc1.bias", "MLP expansion bias"),
+    Entry(LAYER + "output.dense.weight", ("D", "I"), BLOCK + "mlp.fc2.weight",
+          "MLP contraction"),
+    Entry(LAYER + "output.dense.bias", ("D",), BLOCK + "mlp.fc2.bias", "MLP contraction bias"),
+    Entry("layernorm.weight", ("D",), "layernorm.weight", "final LayerNorm scale"),
+    Entry("layernorm.bias", ("D",), "layernorm.bias", "final LayerNorm shift"),
+    Entry("pooler.dense.weight", ("Dp", "D"), "pooler.dense.weight",
+          "pooler Dense (tanh follows); the JAX pre_logits layer"),
+    Entry("pooler.dense.bias", ("Dp",), "pooler.dense.bias", "pooler bias"),
+    Entry("classifier.weight", ("K", "D"), "classifier.weight",
+          "classification head (top level, no vit. prefix); absent when K = 0"),
+    Entry("classifier.bias", ("K",), "classifier.bias", "classification head bias"),
+)
+# fmt: on
+QKV = ("query", "key", "value")
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """Which of the layout's optional parts a model has."""
+
+    classifier: bool
+    pooler: bool
+
+    @property
+    def prefix(self) -> str:
+        return BASE_PREFIX if self.classifier else ""
+
+
+def model_kind(keys: set[str] | Mapping[str, object], config: ViTConfig) -> ModelKind:
+    """Tell a classification checkpoint from a base-model one by its keys."""
+    classifier = any(k.startswith(BASE_PREFIX) or k.startswith("classifier.") for k in keys)
+    pooler = f"{BASE_PREFIX if classifier else ''}pooler.dense.weight" in keys
+    return ModelKind(
+        classifier=classifier, pooler=pooler or (classifier and config.classifier_uses_pooler)
+    )
+
+
+def _dims(config: ViTConfig) -> dict[str, int]:
+    ph, pw = config.patch_hw
+    return {
+        "1": 1,
+        "D": config.hidden_size,
+        "C": config.num_channels,
+        "Ph": ph,
+        "Pw": pw,
+        "T": config.num_positions,
+        "I": config.intermediate_size,
+        "Dp": config.pooler_output_size,
+        "K": config.num_labels,
+    }
+
+
+def _present(entry: Entry, config: ViTConfig, kind: ModelKind) -> bool:
+    if entry.key == "embeddings.cls_token":
+        return config.use_class_token
+    if entry.key.startswith("pooler."):
+        return kind.pooler
+    if entry.key.startswith("classifier."):
+        return kind.classifier and config.num_labels > 0
+    if ".attention.attention." in entry.key and entry.key.endswith(".bias"):
+        return config.qkv_bias
+    return True
+
+
+def expected_shapes(config: ViTConfig, kind: ModelKind) -> dict[str, tuple[int, ...]]:
+    """Every canonical key this model has, with its shape."""
+    dims = _dims(config)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for entry in TABLE:
+        if not _present(entry, config, kind):
+            continue
+        shape = tuple(dims[s] for s in entry.shape)
+        prefix = "" if entry.key.startswith("classifier.") else kind.prefix
+        layers = range(config.num_hidden_layers) if "{i}" in entry.key else [None]
+        for i in layers:
+            shapes[prefix + entry.key.format(i=i)] = shape
+    return shapes
+
+
+def check_layout(
+    tensors: Mapping[str, np.ndarray], config: ViTConfig, kind: ModelKind, source: str
+) -> None:
+    """Raise `LayoutError` naming every missing, unexpected or mis-shaped key."""
+    expected = expected_shapes(config, kind)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = [
+        f"{k}: expected {expected[k]}, found {tuple(tensors[k].shape)}"
+        for k in expected
+        if k in tensors and tuple(tensors[k].shape) != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped tensors ({len(misshaped)}): {'; '.join(misshaped)}")
+    if problems:
+        raise LayoutError(
+            f"{source}: weights do not match the config "
+            f"(hidden_size={config.hidden_size}, layers={config.num_hidden_layers}, "
+            f"image_size={config.image_size}, patch_size={config.patch_size}, "
+            f"num_labels={config.num_labels}): " + " | ".join(problems)
+        )
+
+
+def _internal_name(key: str) -> str:
+    """Internal name of a canonical key (prefix stripped); q/k/v map to the fused qkv."""
+    for entry in TABLE:
+        if "{i}" not in entry.key:
+            if key == entry.key:
+                return entry.internal
+            continue
+        head, tail = entry.key.split("{i}")
+        if key.startswith(head) and key.endswith(tail):
+            index = key[len(head) : len(key) - len(tail)]
+            if index.isdigit():
+                return entry.internal.format(i=index)
+    raise LayoutError(f"{key}: not a key of the canonical ViT layout")
+
+
+def _split_prefix(key: str, kind: ModelKind) -> tuple[str, str]:
+    """(prefix, rest): the `vit.` prefix applies to everything but the classifier."""
+    if kind.prefix and key.startswith(kind.prefix):
+        return kind.prefix, key[len(kind.prefix) :]
+    return "", key
+
+
+def to_internal(tensors: Mapping[str, np.ndarray], kind: ModelKind) -> dict[str, np.ndarray]:
+    """Canonical tensors -> the twins' internal names, query/key/value fused (q, k, v rows).
+
+    The result's keys are exactly the torch twin's `state_dict()` keys.
+    """
+    internal: dict[str, np.ndarray] = {}
+    for key, value in tensors.items():
+        prefix, name = _split_prefix(key, kind)
+        target = prefix + _internal_name(name)
+        if ".attention.attention." not in name:
+            internal[target] = value
+        elif name.split(".")[-2] == "query":  # key and value are fetched with it
+            parts = [tensors[key.replace(".query.", f".{part}.")] for part in QKV]
+            internal[target] = np.concatenate([np.asarray(p) for p in parts], axis=0)
+    return internal
+
+
+def to_canonical(internal: Mapping[str, np.ndarray], kind: ModelKind) -> dict[str, np.ndarray]:
+    """The inverse of `to_internal`: split the fused qkv, restore canonical names."""
+    by_internal: dict[str, list[str]] = {}
+    for entry in TABLE:
+        by_internal.setdefault(entry.internal, []).append(entry.key)
+    out: dict[str, np.ndarray] = {}
+    for full_name, value in internal.items():
+        prefix, name = _split_prefix(full_name, kind)
+        match = _LAYER_INDEX.search(name)
+        index = match[1] if match else None
+        template = _LAYER_INDEX.sub("layers.{i}.", name, count=1)
+        if template not in by_internal:
+            raise LayoutError(f"{full_name}: not an internal ViT weight name")
+        keys = [k.format(i=index) for k in by_internal[template]]
+        parts = np.split(np.asarray(value), len(keys), axis=0) if len(keys) > 1 else [value]
+        for key, part in zip(keys, parts, strict=True):
+            out[prefix + key] = part
+    return out
+
+
+def layout_markdown() -> str:
+    """The table above as Markdown, for the docs."""
+    rows = ["| key | shape | meaning |", "|---|---|---|"]
+    rows += [f"| `{e.key}` | ({', '.join(e.shape)}) | {e.meaning} |" for e in TABLE]
+    return "\n".join(rows)

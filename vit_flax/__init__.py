@@ -1,0 +1,5 @@
+"""ViT in Flax, loading the canonical folder of `vit_core` (twin of `vit_torch`)."""
+
+from vit_flax.modeling import FlaxViTForImageClassification, FlaxViTModel
+
+__all__ = ["FlaxViTForImageClassification", "FlaxViTModel"]

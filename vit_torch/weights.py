@@ -1,0 +1,48 @@
+"""Internal-name numpy weights (see `vit_core.layout`) <-> a torch model's state dict.
+
+The internal names are the state-dict keys, so this is only a change of container:
+`torch.from_numpy` shares memory with the arrays it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def assign_internal_weights(
+    model: nn.Module, internal: Mapping[str, np.ndarray], dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Load `internal` into `model` strictly (the layout was checked before we get here)."""
+    state = {
+        k: torch.from_numpy(v if v.flags.writeable else v.copy())
+        for k, v in ((k, np.ascontiguousarray(v)) for k, v in internal.items())
+    }
+    model.load_state_dict(state, strict=True, assign=True)
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def internal_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's weights as float32 numpy arrays under their internal names."""
+    return {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
+
+
+def build_model(
+    config: Any, kind: Any, internal: Mapping[str, np.ndarray], dtype: Any = None
+) -> nn.Module:
+    """The torch twin of `kind` in eval mode, holding `internal` (no random init is run)."""
+    from vit_torch.modeling import ViTForImageClassification, ViTModel
+
+    with torch.device("meta"):
+        if kind.classifier:
+            model: nn.Module = ViTForImageClassification(config)
+        else:
+            model = ViTModel(config, add_pooling_layer=kind.pooler)
+    torch_dtype = getattr(torch, str(dtype).removeprefix("torch.")) if dtype is not None else None
+    return assign_internal_weights(model, internal, torch_dtype).eval()
