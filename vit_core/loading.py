@@ -49,8 +49,7 @@ def resolve_files(path: str | Path) -> tuple[Path, Path]:
             )
             raise CheckpointError(
                 f"{path}: no {WEIGHTS_NAME} in this folder "
-                f"(found: {', '.join(found) or 'nothing'})."
-                + hint
+                f"(found: {', '.join(found) or 'nothing'})." + hint
             )
     elif path.suffix == ".safetensors":
         weights = path
