@@ -16,10 +16,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 
-from vit_core.config import TANH_GELU, ViTConfig
+from vit_core.config import TANH_GELU, TRUNCATED_NORMAL_STD, ViTConfig
 from vit_core.layout import ModelKind
 from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from vit_core.resample import grid_resize_matrices
@@ -298,7 +299,7 @@ class FlaxViTPreTrainedModel:
     ) -> None:
         self.config = config
         self.module = module
-        self.params: Any = self.init_weights(jax.random.PRNGKey(seed)) if _do_init else None
+        self.params: Any = self.init_weights(seed) if _do_init else None
         self._apply = jax.jit(
             module.apply,
             static_argnames=(
@@ -309,11 +310,30 @@ class FlaxViTPreTrainedModel:
             ),
         )
 
-    def init_weights(self, rng: Array) -> Any:
-        """Fresh params: truncated normal(initializer_range) weights, zero biases, unit norms."""
+    def init_weights(self, seed: int) -> Any:
+        """Fresh params: truncated normal(initializer_range) weights, zero biases, unit norms.
+
+        The same distributions as the modules' initializers, drawn in numpy from the
+        params' abstract shapes: XLA takes seconds on a CPU to compile truncated-normal
+        sampling for every leaf, numpy takes milliseconds.
+        """
         height, width = self.config.image_hw
-        pixels = jnp.zeros((1, height, width, self.config.num_channels), jnp.float32)
-        return self.module.init({"params": rng}, pixels)["params"]
+        pixels = jax.ShapeDtypeStruct((1, height, width, self.config.num_channels), jnp.float32)
+        shapes = jax.eval_shape(self.module.init, {"params": jax.random.PRNGKey(0)}, pixels)
+        rng, std = np.random.default_rng(seed), self.config.initializer_range
+
+        def draw(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> Array:
+            name = path[-1].key
+            if name == "bias":
+                return jnp.zeros(leaf.shape, leaf.dtype)
+            if name == "scale":
+                return jnp.ones(leaf.shape, leaf.dtype)
+            values = rng.standard_normal(leaf.shape)
+            while (outside := np.abs(values) > 2).any():  # truncate at 2 std, as jax does
+                values[outside] = rng.standard_normal(int(outside.sum()))
+            return jnp.asarray(values * std / TRUNCATED_NORMAL_STD, leaf.dtype)
+
+        return jax.tree_util.tree_map_with_path(draw, shapes["params"])
 
     def _run(
         self,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit_core.config import TANH_GELU, ViTConfig
+from vit_core.config import TANH_GELU, TRUNCATED_NORMAL_STD, ViTConfig
 from vit_core.layout import ModelKind
 from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from vit_core.resample import grid_resize_matrices
@@ -57,7 +57,7 @@ class ViTEmbeddings(nn.Module):
         prefix = self.config.num_prefix_tokens
         table = self.position_embeddings
         rows, cols = (
-            torch.from_numpy(m).to(table.dtype)
+            torch.tensor(m, dtype=table.dtype)
             for m in grid_resize_matrices(self.config.grid_hw, grid)
         )
         patches = table[0, prefix:].reshape(*self.config.grid_hw, -1)
@@ -184,8 +184,8 @@ class ViTPreTrainedModel(nn.Module):
         self.config = config
 
     def init_weights(self) -> None:
-        """transformers' scheme: truncated normal(initializer_range), zero biases, unit norms."""
-        std = self.config.initializer_range
+        """Truncated normal(initializer_range) weights, zero biases, unit norms (as the twin)."""
+        std = self.config.initializer_range / TRUNCATED_NORMAL_STD
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Conv2d):
                 nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)

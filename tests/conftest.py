@@ -1,0 +1,184 @@
+"""Shared test helpers, offered as one fixture, `oracle` (see `_Oracle`).
+
+`oracle.assert_close` records the largest difference seen per comparison; the table is
+printed at the end of the run, so the margin under each bound stays on the record.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+TOL = 1e-5
+MAX_DIFFS: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if MAX_DIFFS:
+        terminalreporter.section(f"largest max-abs diff per comparison (bound {TOL:g})")
+        for name, diff in sorted(MAX_DIFFS.items()):
+            terminalreporter.write_line(f"{diff:10.3e}  {name}")
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _perturb(rng: np.random.Generator, value: np.ndarray, fan_in: int | None, patch: bool) -> Any:
+    """Add noise to one tensor so that activations stay near unit size.
+
+    Vectors (biases, LayerNorm scales and shifts, class token, positions) get N(0, 0.1^2);
+    matrices get std 1/sqrt(fan_in), the patch kernel a tenth of that: the first LayerNorm
+    sees variance ~0.1, where an eps of 1e-6 instead of 1e-12 moves the first block by ~5e-5.
+    """
+    std = 0.1 if fan_in is None else (0.1 if patch else 1.0) / np.sqrt(fan_in)
+    return (value + std * rng.standard_normal(value.shape)).astype(value.dtype)
+
+
+class _Oracle:
+    """transformers models as fixtures, perturbation, comparison."""
+
+    TOL = TOL
+
+    def __init__(self, tmp_path: Path) -> None:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        self.tmp_path = tmp_path
+
+    # --------------------------------------------------------------- comparison
+    @staticmethod
+    def assert_close(actual: Any, expected: Any, name: str, atol: float = TOL) -> float:
+        a, e = to_numpy(actual), to_numpy(expected)
+        assert a.shape == e.shape, f"{name}: shape {a.shape} != expected {e.shape}"
+        diff = float(np.max(np.abs(a - e))) if a.size else 0.0
+        MAX_DIFFS[name] = max(diff, MAX_DIFFS.get(name, 0.0))
+        assert diff <= atol, f"{name}: max abs diff {diff:.3e} > {atol:g}"
+        return diff
+
+    def assert_outputs_close(self, got: Any, want: Any, name: str) -> None:
+        """Every field transformers returned: logits or last_hidden_state, pooler_output,
+        each hidden state and each attention map."""
+        for field in (
+            "logits",
+            "last_hidden_state",
+            "pooler_output",
+            "hidden_states",
+            "attentions",
+        ):
+            if not hasattr(want, field):
+                continue
+            expected, actual = getattr(want, field), getattr(got, field, None)
+            assert (actual is None) == (expected is None), f"{name}: {field} presence differs"
+            if isinstance(expected, tuple):
+                assert len(actual) == len(expected), f"{name}: {len(actual)} {field}"
+                for a, e in zip(actual, expected, strict=True):
+                    self.assert_close(a, e, f"{name}: {field}")
+            elif expected is not None:
+                self.assert_close(actual, expected, f"{name}: {field}")
+
+    # -------------------------------------------------------------- perturbation
+    @staticmethod
+    def perturb_torch(module: Any, seed: int) -> Any:
+        """Perturb every parameter of a torch module (Linear (out, in), Conv2d OIHW)."""
+        import torch
+
+        rng = np.random.default_rng(seed)
+        with torch.no_grad():
+            for _, p in sorted(module.named_parameters()):
+                matrix = p.ndim in (2, 4)
+                fan_in = int(np.prod(p.shape[1:])) if matrix else None
+                p.copy_(torch.from_numpy(_perturb(rng, p.numpy(), fan_in, p.ndim == 4)))
+        return module.eval()
+
+    @staticmethod
+    def perturb_flax(params: Any, seed: int) -> Any:
+        """Perturb every leaf of a Flax params tree (Dense kernel (in, out), Conv HWIO)."""
+        import jax.numpy as jnp
+        from flax import traverse_util
+
+        rng = np.random.default_rng(seed)
+        flat = traverse_util.flatten_dict(params)
+        out = {}
+        for path, leaf in sorted(flat.items()):
+            value = np.asarray(leaf)
+            matrix = path[-1] == "kernel"
+            fan_in = int(np.prod(value.shape[:-1])) if matrix else None
+            out[path] = jnp.asarray(_perturb(rng, value, fan_in, value.ndim == 4))
+        return traverse_util.unflatten_dict(out)
+
+    @staticmethod
+    def pixels(config: Any, seed: int = 0, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Unit-normal pixel values, batch 2, at the config's image size unless `size`."""
+        image = config.image_size
+        height, width = size or (image if isinstance(image, list | tuple) else (image, image))
+        rng = np.random.default_rng(1000 + seed)
+        return rng.standard_normal((2, config.num_channels, height, width)).astype(np.float32)
+
+    # ------------------------------------------------------ transformers models
+    @staticmethod
+    def hf_class(head: str, flax: bool = False) -> Any:
+        """head: "classification", "pooler" (ViTModel with pooler) or "base" (without)."""
+        import transformers
+
+        name = "ViTForImageClassification" if head == "classification" else "ViTModel"
+        return getattr(transformers, f"Flax{name}" if flax else name)
+
+    @staticmethod
+    def hf_kwargs(head: str) -> dict[str, Any]:
+        return {} if head == "classification" else {"add_pooling_layer": head == "pooler"}
+
+    def make_hf(self, head: str, seed: int = 0, **config: Any) -> tuple[Any, Path]:
+        """A seeded, perturbed transformers (PyTorch) model, and the folder it saved itself to."""
+        import torch
+        import transformers
+
+        settings = {
+            "hidden_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 3,
+            "intermediate_size": 96,
+            "num_labels": 5,
+            **config,
+        }
+        torch.manual_seed(seed)
+        model = self.hf_class(head)(transformers.ViTConfig(**settings), **self.hf_kwargs(head))
+        self.perturb_torch(model, seed)
+        folder = self.tmp_path / f"hf-{head}-{seed}"
+        model.save_pretrained(folder)
+        assert (folder / "model.safetensors").is_file()
+        return model, folder
+
+    def load_hf(self, folder: Path, head: str, flax: bool = False, **kwargs: Any) -> Any:
+        """A transformers model from a folder; asserts no key was missing or left unused."""
+        cls = self.hf_class(head, flax)
+        if flax:
+            return cls.from_pretrained(folder, from_pt=True, **self.hf_kwargs(head), **kwargs)
+        model, info = cls.from_pretrained(
+            folder, output_loading_info=True, **self.hf_kwargs(head), **kwargs
+        )
+        problems = {k: v for k, v in info.items() if v}
+        assert not problems, f"transformers loading {folder}: {problems}"
+        return model.eval()
+
+
+@pytest.fixture
+def oracle(tmp_path: Path) -> _Oracle:
+    return _Oracle(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Any:
+    """Tiny models gain nothing from intra-op threads, and on a busy CPU every op then waits
+    for a descheduled worker (~8 ms an op on a loaded 2-core machine instead of ~10 us)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
