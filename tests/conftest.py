@@ -16,6 +16,50 @@ TOL = 1e-5
 MAX_DIFFS: dict[str, float] = {}
 
 
+# Small transformers configs that together cover the axes (not their product).
+CASES: dict[str, dict[str, Any]] = {
+    "sq32-p8-qkvbias-gelu-eps1e-12": {
+        "image_size": 32,
+        "patch_size": 8,
+        "qkv_bias": True,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+    },
+    "32x48-p16-nobias-tanh-eps1e-6": {
+        "image_size": (32, 48),
+        "patch_size": 16,
+        "qkv_bias": False,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-6,
+    },
+    "sq32-p16-nobias-gelu-eps1e-6": {
+        "image_size": 32,
+        "patch_size": 16,
+        "qkv_bias": False,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+    },
+    "32x48-p8-qkvbias-tanh-eps1e-12": {
+        "image_size": (32, 48),
+        "patch_size": 8,
+        "qkv_bias": True,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-12,
+    },
+}
+# (head, case) pairs each twin's forward oracle test runs.
+FORWARD = [
+    ("classification", "sq32-p8-qkvbias-gelu-eps1e-12"),
+    ("classification", "32x48-p16-nobias-tanh-eps1e-6"),
+    ("classification", "sq32-p16-nobias-gelu-eps1e-6"),
+    ("classification", "32x48-p8-qkvbias-tanh-eps1e-12"),
+    ("pooler", "32x48-p8-qkvbias-tanh-eps1e-12"),
+    ("pooler", "sq32-p16-nobias-gelu-eps1e-6"),
+    ("base", "sq32-p8-qkvbias-gelu-eps1e-12"),
+    ("base", "32x48-p16-nobias-tanh-eps1e-6"),
+]
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if MAX_DIFFS:
         terminalreporter.section(f"largest max-abs diff per comparison (bound {TOL:g})")
@@ -44,6 +88,7 @@ class _Oracle:
     """transformers models as fixtures, perturbation, comparison."""
 
     TOL = TOL
+    CASES = CASES
 
     def __init__(self, tmp_path: Path) -> None:
         import transformers
@@ -170,6 +215,12 @@ class _Oracle:
 @pytest.fixture
 def oracle(tmp_path: Path) -> _Oracle:
     return _Oracle(tmp_path)
+
+
+@pytest.fixture(params=FORWARD, ids=[f"{head}-{case}" for head, case in FORWARD])
+def forward_case(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(head, case name) of one forward comparison against transformers."""
+    return request.param
 
 
 @pytest.fixture(scope="module")

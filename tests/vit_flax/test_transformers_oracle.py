@@ -25,47 +25,6 @@ from vit_core.errors import InputError
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-# A handful of configs that together cover the axes (not their product).
-CASES = {
-    "sq32-p8-qkvbias-gelu-eps1e-12": {
-        "image_size": 32,
-        "patch_size": 8,
-        "qkv_bias": True,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-12,
-    },
-    "32x48-p16-nobias-tanh-eps1e-6": {
-        "image_size": (32, 48),
-        "patch_size": 16,
-        "qkv_bias": False,
-        "hidden_act": "gelu_pytorch_tanh",
-        "layer_norm_eps": 1e-6,
-    },
-    "sq32-p16-nobias-gelu-eps1e-6": {
-        "image_size": 32,
-        "patch_size": 16,
-        "qkv_bias": False,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-6,
-    },
-    "32x48-p8-qkvbias-tanh-eps1e-12": {
-        "image_size": (32, 48),
-        "patch_size": 8,
-        "qkv_bias": True,
-        "hidden_act": "gelu_pytorch_tanh",
-        "layer_norm_eps": 1e-12,
-    },
-}
-FORWARD = [
-    ("classification", "sq32-p8-qkvbias-gelu-eps1e-12"),
-    ("classification", "32x48-p16-nobias-tanh-eps1e-6"),
-    ("classification", "sq32-p16-nobias-gelu-eps1e-6"),
-    ("classification", "32x48-p8-qkvbias-tanh-eps1e-12"),
-    ("pooler", "32x48-p8-qkvbias-tanh-eps1e-12"),
-    ("pooler", "sq32-p16-nobias-gelu-eps1e-6"),
-    ("base", "sq32-p8-qkvbias-gelu-eps1e-12"),
-    ("base", "32x48-p16-nobias-tanh-eps1e-6"),
-]
 OURS = {
     "classification": vit_flax.FlaxViTForImageClassification,
     "pooler": vit_flax.FlaxViTModel,
@@ -80,9 +39,9 @@ def hf_run(model: torch.nn.Module, pixels: np.ndarray, **kwargs: object) -> obje
         return model(torch.from_numpy(pixels), **kwargs)
 
 
-@pytest.mark.parametrize(("head", "case"), FORWARD, ids=[f"{h}-{c}" for h, c in FORWARD])
-def test_forward_matches_transformers(oracle, head: str, case: str) -> None:
-    hf, folder = oracle.make_hf(head, seed=len(case), **CASES[case])
+def test_forward_matches_transformers(oracle, forward_case: tuple[str, str]) -> None:
+    head, case = forward_case
+    hf, folder = oracle.make_hf(head, seed=len(case), **oracle.CASES[case])
     x = oracle.pixels(hf.config)
     ours = vit_core.load(folder, backend="flax")
     assert type(ours) is OURS[head]
@@ -151,7 +110,7 @@ def test_saved_here_loads_in_transformers(oracle, tmp_path, head: str) -> None:
         num_attention_heads=3,
         intermediate_size=96,
         num_labels=5,
-        **CASES["sq32-p16-nobias-gelu-eps1e-6"],
+        **oracle.CASES["sq32-p16-nobias-gelu-eps1e-6"],
     )
     model = (
         vit_flax.FlaxViTForImageClassification(config)
@@ -205,7 +164,7 @@ def test_oracle_tolerance_catches_numerics_bugs(
     oracle, tmp_path, field: str, wrong: object
 ) -> None:
     """The inputs and weights make an eps or GELU-form slip visible above the bound."""
-    hf, folder = oracle.make_hf("classification", **CASES["sq32-p8-qkvbias-gelu-eps1e-12"])
+    hf, folder = oracle.make_hf("classification", **oracle.CASES["sq32-p8-qkvbias-gelu-eps1e-12"])
     shutil.copytree(folder, tmp_path / "wrong")
     config = json.loads((folder / "config.json").read_text())
     (tmp_path / "wrong" / "config.json").write_text(json.dumps({**config, field: wrong}))
