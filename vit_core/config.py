@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vit_core._io import atomic_write_text, local_path
+from vit_core._io import atomic_write_text, local_path, read_json_object
 from vit_core.errors import ConfigError, InputError
 
 CONFIG_NAME = "config.json"
@@ -323,15 +323,7 @@ class ViTConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> ViTConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
+        data = read_json_object(Path(path))
         try:
             return cls.from_dict(data)
         except TypeError as exc:  # a field of the wrong JSON type

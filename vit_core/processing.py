@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vit_core._io import atomic_write_text, local_path
+from vit_core._io import atomic_write_text, local_path, read_json_object
 from vit_core.errors import CheckpointError, ConfigError, ImageError
 
 PROCESSOR_NAME = "preprocessor_config.json"
@@ -289,14 +289,7 @@ class ViTImageProcessor:
         except CheckpointError as exc:  # same message, but a config is what is missing
             raise ConfigError(str(exc)) from None
         file = resolved / PROCESSOR_NAME if resolved.is_dir() else resolved
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{file}: no such file (expected {PROCESSOR_NAME})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{file}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file}: expected a JSON object, found {type(data).__name__}")
+        data = read_json_object(file)
         try:
             return cls.from_dict(data, **overrides)
         except ConfigError as exc:
