@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format train-digits clean
+.PHONY: run test bench format train-digits clean
 
 # torch and torchvision go in first, in one pip command: PyPI's torchvision only
 # imports beside the matching torch, and the oracles (timm, transformers) need it.
@@ -22,6 +22,10 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+
+# Speed side by side with timm and transformers (minutes; never part of `make test`).
+bench: $(STAMP)
+	$(PY) benchmarks/run.py --out benchmarks/results
 
 format: $(STAMP)
 	$(PY) -m ruff format .

@@ -300,8 +300,14 @@ class FlaxViTPreTrainedModel:
         self.config = config
         self.module = module
         self.params: Any = self.init_weights(seed) if _do_init else None
+
+        def forward(variables: Any, pixel_values: Array, rngs: Any, **kwargs: Any) -> Any:
+            # NCHW -> NHWC inside the jit, where XLA fuses it into the patch convolution.
+            pixels = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(module.dtype)
+            return module.apply(variables, pixels, rngs=rngs, **kwargs)
+
         self._apply = jax.jit(
-            module.apply,
+            forward,
             static_argnames=(
                 "deterministic",
                 "output_attentions",
@@ -344,17 +350,16 @@ class FlaxViTPreTrainedModel:
         interpolate_pos_encoding: bool,
         **kwargs: Any,
     ) -> Any:
-        pixel_values = jnp.asarray(pixel_values)
-        self.config.check_pixel_shape(tuple(pixel_values.shape), interpolate_pos_encoding)
+        self.config.check_pixel_shape(tuple(np.shape(pixel_values)), interpolate_pos_encoding)
         if train and dropout_rng is None and self._has_dropout:
             raise ValueError("train=True with dropout in the config needs a dropout_rng")
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
         return self._apply(
             {"params": self.params if params is None else params},
-            jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.module.dtype),
+            pixel_values,
+            rngs,
             deterministic=not train,
             interpolate_pos_encoding=interpolate_pos_encoding,
-            rngs=rngs,
             **kwargs,
         )
 

@@ -1,0 +1,258 @@
+"""Side-by-side inference speed: our twins against timm and transformers, one process.
+
+    python benchmarks/run.py [--models B/16 Ti/16] [--batches 1 8] [--rounds 7] [--out DIR]
+
+Every implementation runs the same architecture in float32 on the CPU. Rounds are
+interleaved (each round times every implementation once, in a rotating order) so that
+machine noise falls on all alike; the median over rounds is reported. Ratios are against
+each peer and against the machine's measured float32 matmul rate (the ceiling for a
+model that is all matmuls). Peak RSS is the process's high-water mark during the timed
+calls of one implementation (reset before each through /proc/self/clear_refs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # runs from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+from vit_core import ViTConfig  # noqa: E402
+
+MODELS = {"B/16": "vit-base-patch16-224", "Ti/16": "vit-tiny-patch16-224"}
+TIMM_NAMES = {"B/16": "vit_base_patch16_224", "Ti/16": "vit_tiny_patch16_224"}
+Runner = Callable[[np.ndarray], object]
+MIN_ROUND_SECONDS = 0.3  # fast calls repeat within a round so timer noise stays small
+
+
+@dataclass
+class Result:
+    model: str
+    impl: str
+    batch: int
+    seconds: list[float]
+    peak_rss_mib: float
+    gflop_per_image: float
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.batch / self.median
+
+
+def gflop_per_image(config: ViTConfig) -> float:
+    """Multiply-adds x 2 of one forward pass: patch projection, attention, MLP, head."""
+    d, m, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    tokens = config.num_positions
+    ph, pw = config.patch_hw
+    patch = (tokens - 1) * d * config.num_channels * ph * pw
+    per_layer = tokens * (4 * d * d + 2 * d * m) + 2 * tokens * tokens * d
+    return 2 * (patch + layers * per_layer + d * config.num_labels) / 1e9
+
+
+def matmul_gflops(seconds: float = 2.0) -> float:
+    """The machine's float32 matmul rate through torch (MKL/oneDNN), a ceiling for ViT."""
+    import torch
+
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):  # not every kernel lets a process reset it
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ------------------------------------------------------------------ implementations
+def build_runners(name: str, folder: Path) -> dict[str, Runner]:
+    """Every implementation of `name`, all from the same weights where the library allows."""
+    import jax
+    import timm
+    import torch
+    import transformers
+
+    import vit_core
+
+    ours_torch = vit_core.load(folder, backend="torch")
+    ours_flax = vit_core.load(folder, backend="flax")
+    hf_torch = transformers.ViTForImageClassification.from_pretrained(
+        folder, attn_implementation="sdpa"
+    ).eval()
+    hf_flax = transformers.FlaxViTForImageClassification.from_pretrained(folder, from_pt=True)
+    hf_flax_forward = jax.jit(lambda params, x: hf_flax(x, params=params).logits)
+    timm_model = timm.create_model(TIMM_NAMES[name], pretrained=False).eval()
+
+    def torch_runner(model: torch.nn.Module) -> Runner:
+        def run(x: np.ndarray) -> object:
+            with torch.inference_mode():
+                return model(torch.from_numpy(x))
+
+        return run
+
+    return {
+        "ours-torch": torch_runner(ours_torch),
+        "ours-flax": lambda x: ours_flax(x).logits.block_until_ready(),
+        "timm": torch_runner(timm_model),
+        "hf-torch": torch_runner(hf_torch),
+        "hf-flax": lambda x: hf_flax_forward(hf_flax.params, x).block_until_ready(),
+    }
+
+
+def write_random_folder(name: str, folder: Path) -> ViTConfig:
+    """A canonical folder with random weights (speed does not depend on their values)."""
+    import torch
+
+    from vit_torch import ViTForImageClassification
+
+    config = ViTConfig.from_name(MODELS[name], num_labels=1000, layer_norm_eps=1e-6)
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(folder)
+    return config
+
+
+def measure(name: str, batches: list[int], rounds: int) -> list[Result]:
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = write_random_folder(name, Path(tmp))
+        runners = build_runners(name, Path(tmp))
+    flop = gflop_per_image(config)
+    for batch in batches:
+        x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+        times: dict[str, list[float]] = {impl: [] for impl in runners}
+        peaks = dict.fromkeys(runners, 0.0)
+        reps = {}
+        for impl, run in runners.items():  # warm-up: jit compiles, allocator settles
+            run(x)
+            start = time.perf_counter()
+            run(x)
+            reps[impl] = max(1, round(MIN_ROUND_SECONDS / (time.perf_counter() - start)))
+        impls = list(runners)
+        for r in range(rounds):
+            for impl in impls[r % len(impls) :] + impls[: r % len(impls)]:
+                gc.collect()
+                reset_peak_rss()
+                start = time.perf_counter()
+                for _ in range(reps[impl]):
+                    runners[impl](x)
+                times[impl].append((time.perf_counter() - start) / reps[impl])
+                peaks[impl] = max(peaks[impl], peak_rss_mib())
+        for impl in runners:
+            results.append(Result(name, impl, batch, times[impl], peaks[impl], flop))
+            rate = batch / statistics.median(times[impl])
+            print(f"  {name} batch {batch:2d} {impl:11s} {rate:7.2f} img/s")
+    return results
+
+
+# ---------------------------------------------------------------------- reporting
+def table(results: list[Result], peak: float) -> str:
+    peers = ("timm", "hf-torch", "hf-flax", "ours-torch")
+    lines = [
+        "| model | batch | impl | img/s | latency ms | peak RSS MiB | % of matmul peak | "
+        + " | ".join(f"x {p}" for p in peers)
+        + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(peers),
+    ]
+    for r in results:
+        same = {o.impl: o for o in results if o.model == r.model and o.batch == r.batch}
+        ratios = [f"{r.images_per_second / same[p].images_per_second:.2f}" for p in peers]
+        lines.append(
+            f"| {r.model} | {r.batch} | {r.impl} | {r.images_per_second:.2f} | "
+            f"{1000 * r.median:.1f} | {r.peak_rss_mib:.0f} | "
+            f"{100 * r.images_per_second * r.gflop_per_image / peak:.0f} % | "
+            + " | ".join(ratios)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r.model, r.batch) for r in results})
+    impls = list(dict.fromkeys(r.impl for r in results))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.4))
+    for ax, (model, batch) in zip(np.atleast_1d(axes), groups, strict=True):
+        values = [
+            next(
+                r.images_per_second
+                for r in results
+                if (r.model, r.batch, r.impl) == (model, batch, i)
+            )
+            for i in impls
+        ]
+        colors = ["tab:blue" if i.startswith("ours") else "tab:gray" for i in impls]
+        ax.bar(range(len(impls)), values, color=colors)
+        ax.set_xticks(range(len(impls)), impls, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"ViT-{model}, batch {batch}", fontsize=9)
+        ax.set_ylabel("images / s", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, {platform.processor()}")
+    peak = matmul_gflops()
+    print(f"float32 matmul peak: {peak:.1f} GFLOP/s")
+    results = [r for name in args.models for r in measure(name, args.batches, args.rounds)]
+    report = table(results, peak)
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "matmul_gflops": peak,
+        "results": [{**asdict(r), "images_per_second": r.images_per_second} for r in results],
+    }
+    (args.out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / "bench.md").write_text(report + "\n")
+    plot(results, args.out / "bench.png")
+    print(f"wrote {args.out}/bench.json, bench.md, bench.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
