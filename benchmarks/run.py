@@ -6,25 +6,27 @@ Every implementation runs the same architecture in float32 on the CPU. Rounds ar
 interleaved (each round times every implementation once, in a rotating order) so that
 machine noise falls on all alike; the median over rounds is reported. Ratios are against
 each peer and against the machine's measured float32 matmul rate (the ceiling for a
-model that is all matmuls). Peak RSS is the process's high-water mark during the timed
-calls of one implementation (reset before each through /proc/self/clear_refs).
+model that is all matmuls). Peak RSS is that of a separate, fresh process that loads
+only that implementation and runs the largest batch (one process holding every model
+cannot tell them apart).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,11 +85,6 @@ def matmul_gflops(seconds: float = 2.0) -> float:
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
 
 
-def reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):  # not every kernel lets a process reset it
-        Path("/proc/self/clear_refs").write_text("5")
-
-
 def peak_rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -96,38 +93,75 @@ def peak_rss_mib() -> float:
 
 
 # ------------------------------------------------------------------ implementations
-def build_runners(name: str, folder: Path) -> dict[str, Runner]:
-    """Every implementation of `name`, all from the same weights where the library allows."""
-    import jax
-    import timm
+def _torch_runner(model: Any) -> Runner:
     import torch
-    import transformers
 
+    def run(x: np.ndarray) -> object:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x))
+
+    return run
+
+
+def _ours_torch(name: str, folder: Path) -> Runner:
     import vit_core
 
-    ours_torch = vit_core.load(folder, backend="torch")
-    ours_flax = vit_core.load(folder, backend="flax")
-    hf_torch = transformers.ViTForImageClassification.from_pretrained(
-        folder, attn_implementation="sdpa"
-    ).eval()
-    hf_flax = transformers.FlaxViTForImageClassification.from_pretrained(folder, from_pt=True)
-    hf_flax_forward = jax.jit(lambda params, x: hf_flax(x, params=params).logits)
-    timm_model = timm.create_model(TIMM_NAMES[name], pretrained=False).eval()
+    return _torch_runner(vit_core.load(folder, backend="torch"))
 
-    def torch_runner(model: torch.nn.Module) -> Runner:
-        def run(x: np.ndarray) -> object:
-            with torch.inference_mode():
-                return model(torch.from_numpy(x))
 
-        return run
+def _ours_flax(name: str, folder: Path) -> Runner:
+    import vit_core
 
-    return {
-        "ours-torch": torch_runner(ours_torch),
-        "ours-flax": lambda x: ours_flax(x).logits.block_until_ready(),
-        "timm": torch_runner(timm_model),
-        "hf-torch": torch_runner(hf_torch),
-        "hf-flax": lambda x: hf_flax_forward(hf_flax.params, x).block_until_ready(),
-    }
+    model = vit_core.load(folder, backend="flax")
+    return lambda x: model(x).logits.block_until_ready()
+
+
+def _timm(name: str, folder: Path) -> Runner:
+    import timm
+
+    return _torch_runner(timm.create_model(TIMM_NAMES[name], pretrained=False).eval())
+
+
+def _hf_torch(name: str, folder: Path) -> Runner:
+    import transformers
+
+    cls = transformers.ViTForImageClassification
+    return _torch_runner(cls.from_pretrained(folder, attn_implementation="sdpa").eval())
+
+
+def _hf_flax(name: str, folder: Path) -> Runner:
+    import jax
+    import transformers
+
+    model = transformers.FlaxViTForImageClassification.from_pretrained(folder, from_pt=True)
+    forward = jax.jit(lambda params, x: model(x, params=params).logits)
+    return lambda x: forward(model.params, x).block_until_ready()
+
+
+# Every implementation of a model, all from the same weights where the library allows
+# (timm builds its own random ones: speed does not depend on the values).
+IMPLEMENTATIONS: dict[str, Callable[[str, Path], Runner]] = {
+    "ours-torch": _ours_torch,
+    "ours-flax": _ours_flax,
+    "timm": _timm,
+    "hf-torch": _hf_torch,
+    "hf-flax": _hf_flax,
+}
+
+
+def child_peak_rss(impl: str, name: str, batch: int, folder: Path) -> float:
+    """Peak RSS (MiB) of a fresh process that loads only `impl` and runs one batch."""
+    script = (
+        "import sys, numpy as np; sys.path.insert(0, sys.argv[1]); from benchmarks.run import *; "
+        "run = IMPLEMENTATIONS[sys.argv[2]](sys.argv[3], Path(sys.argv[5])); "
+        "x = np.zeros((int(sys.argv[4]), 3, 224, 224), np.float32); run(x); run(x); "
+        "print(peak_rss_mib())"
+    )
+    args = [str(ROOT), impl, name, str(batch), str(folder)]
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, check=True
+    )
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def write_random_folder(name: str, folder: Path) -> ViTConfig:
@@ -146,12 +180,12 @@ def measure(name: str, batches: list[int], rounds: int) -> list[Result]:
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp:
         config = write_random_folder(name, Path(tmp))
-        runners = build_runners(name, Path(tmp))
+        runners = {impl: build(name, Path(tmp)) for impl, build in IMPLEMENTATIONS.items()}
+        rss = {impl: child_peak_rss(impl, name, max(batches), Path(tmp)) for impl in runners}
     flop = gflop_per_image(config)
     for batch in batches:
         x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
         times: dict[str, list[float]] = {impl: [] for impl in runners}
-        peaks = dict.fromkeys(runners, 0.0)
         reps = {}
         for impl, run in runners.items():  # warm-up: jit compiles, allocator settles
             run(x)
@@ -162,14 +196,12 @@ def measure(name: str, batches: list[int], rounds: int) -> list[Result]:
         for r in range(rounds):
             for impl in impls[r % len(impls) :] + impls[: r % len(impls)]:
                 gc.collect()
-                reset_peak_rss()
                 start = time.perf_counter()
                 for _ in range(reps[impl]):
                     runners[impl](x)
                 times[impl].append((time.perf_counter() - start) / reps[impl])
-                peaks[impl] = max(peaks[impl], peak_rss_mib())
         for impl in runners:
-            results.append(Result(name, impl, batch, times[impl], peaks[impl], flop))
+            results.append(Result(name, impl, batch, times[impl], rss[impl], flop))
             rate = batch / statistics.median(times[impl])
             print(f"  {name} batch {batch:2d} {impl:11s} {rate:7.2f} img/s")
     return results
