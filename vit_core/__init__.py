@@ -19,6 +19,7 @@ from vit_core.errors import (
     ViTError,
 )
 from vit_core.loading import load
+from vit_core.names import list_models
 
 __version__ = "0.1.0"
 
@@ -45,5 +46,6 @@ __all__ = [
     "ViTError",
     "ViTFeatureExtractor",
     "ViTImageProcessor",
+    "list_models",
     "load",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +57,6 @@ SIZES: dict[str, dict[str, int]] = {
     "huge": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16},
 }
 PATCH_SIZES = (8, 14, 16, 32)
-_PRESET_PATTERN = re.compile(r"^vit[-_](?P<size>[a-z]+)[-_]patch(?P<patch>\d+)[-_](?P<res>\d+)$")
 
 
 def _pair(value: int | list[int] | tuple[int, ...], name: str) -> tuple[int, int]:
@@ -346,27 +344,10 @@ class ViTConfig:
     # ---------------------------------------------------------------- presets
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ViTConfig:
-        """A standard architecture by checkpoint name, e.g. "vit-base-patch16-224".
-
-        Sizes tiny/small/base/large/huge, patches 8/14/16/32, any resolution that the
-        patch divides. Numerics are those of the Hugging Face hub configs of that name.
+        """A standard architecture by name, in any ecosystem's spelling (see `vit_core.names`):
+        "vit-base-patch16-224", "vit_large_patch32_384.augreg_in21k", "ViT-B_16", "B/16".
+        Sizes tiny/small/base/large/huge, patches 8/14/16/32, any resolution the patch divides.
         """
-        match = _PRESET_PATTERN.match(name.strip().lower())
-        valid = (
-            f"vit-{{{'|'.join(SIZES)}}}-patch{{{'|'.join(map(str, PATCH_SIZES))}}}-RESOLUTION, "
-            "e.g. vit-base-patch16-224 or vit-large-patch32-384"
-        )
-        if not match:
-            raise ConfigError(f"unknown model name {name!r}; valid names: {valid}")
-        size, patch, res = match["size"], int(match["patch"]), int(match["res"])
-        if size not in SIZES or patch not in PATCH_SIZES:
-            raise ConfigError(f"unknown model name {name!r}; valid names: {valid}")
-        arch = SIZES[size]
-        return cls(
-            **arch,
-            intermediate_size=4 * arch["hidden_size"],
-            patch_size=patch,
-            image_size=res,
-            encoder_stride=patch,
-            **overrides,
-        )
+        from vit_core.names import resolve
+
+        return resolve(name, **overrides)

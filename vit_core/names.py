@@ -1,0 +1,120 @@
+"""Model names as the ecosystems spell them, resolved to a `ViTConfig`.
+
+The same architecture goes by many names: `vit-base-patch16-224` (Hugging Face hub),
+`vit_base_patch16_224.augreg2_in21k_ft_in1k` (timm, with a pretrained tag),
+`ViT-B_16` (the original JAX release), `B/16` (big_vision). A name fixes the
+architecture, the numerics of the family that publishes it (transformers' configs say
+LayerNorm eps 1e-12; timm, the JAX release and big_vision use 1e-6, and the JAX models
+the tanh GELU) and, through a tag, the label count. Names only describe: nothing is ever
+downloaded.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from vit_core.config import PATCH_SIZES, SIZES, ViTConfig
+from vit_core.errors import ConfigError
+
+_LETTERS = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
+_HUB = re.compile(r"^vit-(?P<size>[a-z]+)-patch(?P<patch>\d+)-(?P<res>\d+)(?P<tag>-in21k)?$")
+_TIMM = re.compile(
+    r"^vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)_(?P<res>\d+)(\.(?P<tag>[a-z0-9_]+))?$"
+)
+_JAX = re.compile(r"^(?:imagenet21k/)?ViT-(?P<letter>Ti|S|B|L|H)_(?P<patch>\d+)(?P<res>-\d+)?$")
+_BIG_VISION = re.compile(r"^(?P<letter>Ti|S|B|L|H)/(?P<patch>\d+)$")
+
+IN21K_CLASSES, IN1K_CLASSES = 21843, 1000
+# timm's pretrained tags; `orig_in21k` weights have their head (and pre_logits) removed.
+TIMM_TAGS = {
+    "augreg_in21k": IN21K_CLASSES,
+    "augreg_in21k_ft_in1k": IN1K_CLASSES,
+    "augreg2_in21k_ft_in1k": IN1K_CLASSES,
+    "augreg_in1k": IN1K_CLASSES,
+    "orig_in21k": 0,
+    "orig_in21k_ft_in1k": IN1K_CLASSES,
+    "sam_in1k": IN1K_CLASSES,
+}
+TIMM_NUMERICS = {"layer_norm_eps": 1e-6, "hidden_act": "gelu"}
+JAX_NUMERICS = {"layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"}
+
+
+def standard_resolutions(patch: int) -> tuple[int, int]:
+    """224 and the usual fine-tuning size: 384, or 336 where 14-pixel patches cannot tile 384."""
+    return (224, 384) if 384 % patch == 0 else (224, 336)
+
+
+def _architecture(size: str, patch: int, resolution: int, name: str) -> dict[str, Any]:
+    if size not in SIZES or patch not in PATCH_SIZES:
+        raise ConfigError(f"unknown model name {name!r}; {valid_names_hint()}")
+    arch = SIZES[size]
+    return {
+        **arch,
+        "intermediate_size": 4 * arch["hidden_size"],
+        "patch_size": patch,
+        "image_size": resolution,
+        "encoder_stride": patch,
+    }
+
+
+def name_fields(name: str) -> dict[str, Any]:
+    """The `ViTConfig` fields a model name fixes, or a `ConfigError` listing valid forms."""
+    text = name.strip()
+    if match := _HUB.match(text.lower()):
+        fields = _architecture(match["size"], int(match["patch"]), int(match["res"]), name)
+        if match["tag"]:  # the hub's -in21k models are encoders with their pre_logits pooler
+            fields["num_labels"] = 0
+        return fields
+    if match := _TIMM.match(text.lower()):
+        fields = _architecture(match["size"], int(match["patch"]), int(match["res"]), name)
+        tag = match["tag"]
+        if tag is not None and tag not in TIMM_TAGS:
+            raise ConfigError(
+                f"unknown timm tag {tag!r} in {name!r}; plain-ViT tags: {', '.join(TIMM_TAGS)}"
+            )
+        return {**fields, **TIMM_NUMERICS, "num_labels": TIMM_TAGS.get(tag or "", IN1K_CLASSES)}
+    if match := _JAX.match(text):
+        resolution = int(match["res"][1:]) if match["res"] else 224
+        size = _LETTERS[match["letter"]]
+        fields = _architecture(size, int(match["patch"]), resolution, name)
+        in21k = text.startswith("imagenet21k/")
+        extra = {"num_labels": IN21K_CLASSES, "classifier_uses_pooler": True} if in21k else {}
+        return {**fields, **JAX_NUMERICS, **extra}
+    if match := _BIG_VISION.match(text):
+        size = _LETTERS[match["letter"]]
+        return {**_architecture(size, int(match["patch"]), 224, name), **JAX_NUMERICS}
+    raise ConfigError(f"unknown model name {name!r}; {valid_names_hint()}")
+
+
+def resolve(name: str, **overrides: Any) -> ViTConfig:
+    """A `ViTConfig` for `name`; keyword arguments override any field."""
+    return ViTConfig(**{**name_fields(name), **overrides})
+
+
+def valid_names_hint() -> str:
+    sizes, patches = "|".join(SIZES), "|".join(map(str, PATCH_SIZES))
+    return (
+        f"valid names: vit-{{{sizes}}}-patch{{{patches}}}-RESOLUTION (e.g. vit-base-patch16-224, "
+        "vit-large-patch32-384, vit-base-patch16-224-in21k), timm's "
+        "vit_base_patch16_224[.augreg2_in21k_ft_in1k], the JAX release's ViT-B_16 "
+        "(imagenet21k/ViT-B_16 for the 21k checkpoints), big_vision's B/16; "
+        "see vit_core.list_models()"
+    )
+
+
+def list_models() -> list[str]:
+    """Every standard name this package resolves, in each ecosystem's spelling."""
+    names = []
+    for size in SIZES:
+        letter = next(k for k, v in _LETTERS.items() if v == size)
+        for patch in PATCH_SIZES:
+            names.append(f"{letter}/{patch}")
+            names.append(f"ViT-{letter}_{patch}")
+            names.append(f"imagenet21k/ViT-{letter}_{patch}")
+            for res in standard_resolutions(patch):
+                names.append(f"vit-{size}-patch{patch}-{res}")
+                names.append(f"vit_{size}_patch{patch}_{res}")
+                names += [f"vit_{size}_patch{patch}_{res}.{tag}" for tag in TIMM_TAGS]
+            names.append(f"vit-{size}-patch{patch}-224-in21k")
+    return names
