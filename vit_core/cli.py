@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.resources
+import json
 import shutil
 import sys
 import tempfile
@@ -214,6 +215,19 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------- info
+def run_info(args: argparse.Namespace) -> int:
+    """Describe a model folder from its header and config, without loading a tensor."""
+    from vit_core.info import folder_info, format_info
+
+    info = folder_info(args.folder)
+    if args.json:
+        print(json.dumps({**info, "config": info["config"].to_dict()}, indent=2))
+    else:
+        print(format_info(info))
+    return 0
+
+
 # ------------------------------------------------------------------------ parser
 def _positive_int(text: str) -> int:
     try:
@@ -247,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Vision Transformer twins (PyTorch and Flax) from one safetensors file.",
-        epilog=f"examples:\n  {PROG} demo\n  {PROG} predict digit.png --backend flax",
+        epilog=f"examples:\n  {PROG} demo\n  {PROG} predict digit.png --backend flax\n"
+        f"  {PROG} info vit_core/assets/vit-digits",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -276,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--backend", choices=BACKENDS, default="torch", help="default: torch")
     predict.add_argument("--top-k", type=_positive_int, default=5, help="default: 5")
+    info = _subcommand(
+        subparsers,
+        "info",
+        "describe a model folder: architecture, parameters, file, dtypes, compatibility",
+        f"{PROG} info ./vit-base-patch16-224 --json",
+        run_info,
+    )
+    info.add_argument("folder", type=Path, metavar="FOLDER", help="model folder or .safetensors")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
 
