@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit_core import load
+from vit_core import ImageError, load
 from vit_core.cli import (
     BACKENDS,
     HELDOUT,
@@ -26,6 +26,7 @@ from vit_core.cli import (
     asset,
     logits_of,
     main,
+    open_image,
     processor_for,
     read_heldout,
 )
@@ -145,3 +146,20 @@ def test_shipped_model_scores_at_least_95_percent_in_both_backends(
         accuracy = float((values.argmax(axis=-1) == labels).mean())
         assert accuracy >= MIN_ACCURACY, f"{backend}: {accuracy:.2%}"
     np.testing.assert_allclose(logits["torch"], logits["flax"], rtol=0, atol=1e-5)
+
+
+def test_open_image_applies_exif_orientation(tmp_path: Path) -> None:
+    image = Image.new("RGB", (16, 8), "white")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "sideways.jpg", exif=exif)
+    assert open_image(tmp_path / "sideways.jpg").size == (8, 16)
+
+
+def test_open_image_refuses_decompression_bombs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Image.new("L", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64*64 > 2 * 1000
+    with pytest.raises(ImageError, match="decompression bomb"):
+        open_image(tmp_path / "big.png")
