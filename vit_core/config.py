@@ -36,10 +36,6 @@ ACTIVATIONS = (
     "tanh",
 )
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-# Both twins draw weights from a normal truncated at 2 standard deviations and rescaled
-# to std initializer_range, as jax's truncated_normal does: the std of a unit normal
-# truncated to [-2, 2] is this number.
-TRUNCATED_NORMAL_STD = 0.87962566103423978
 POOLING_TYPES = ("cls", "mean")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 

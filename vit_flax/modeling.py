@@ -20,7 +20,8 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from vit_core.config import TANH_GELU, TRUNCATED_NORMAL_STD, ViTConfig
+from vit_core.config import TANH_GELU, ViTConfig
+from vit_core.initialization import truncated_normal
 from vit_core.layout import ModelKind
 from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from vit_core.resample import grid_resize_matrices
@@ -320,8 +321,7 @@ class FlaxViTPreTrainedModel:
         """Fresh params: truncated normal(initializer_range) weights, zero biases, unit norms.
 
         The same distributions as the modules' initializers, drawn in numpy from the
-        params' abstract shapes: XLA takes seconds on a CPU to compile truncated-normal
-        sampling for every leaf, numpy takes milliseconds.
+        params' abstract shapes (see `vit_core.initialization`).
         """
         height, width = self.config.image_hw
         pixels = jax.ShapeDtypeStruct((1, height, width, self.config.num_channels), jnp.float32)
@@ -334,10 +334,7 @@ class FlaxViTPreTrainedModel:
                 return jnp.zeros(leaf.shape, leaf.dtype)
             if name == "scale":
                 return jnp.ones(leaf.shape, leaf.dtype)
-            values = rng.standard_normal(leaf.shape)
-            while (outside := np.abs(values) > 2).any():  # truncate at 2 std, as jax does
-                values[outside] = rng.standard_normal(int(outside.sum()))
-            return jnp.asarray(values * std / TRUNCATED_NORMAL_STD, leaf.dtype)
+            return jnp.asarray(truncated_normal(rng, leaf.shape, std), leaf.dtype)
 
         return jax.tree_util.tree_map_with_path(draw, shapes["params"])
 

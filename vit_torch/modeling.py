@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit_core.config import TANH_GELU, TRUNCATED_NORMAL_STD, ViTConfig
+from vit_core.config import TANH_GELU, ViTConfig
+from vit_core.initialization import TRUNCATED_NORMAL_STD
 from vit_core.layout import ModelKind
 from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from vit_core.resample import grid_resize_matrices
