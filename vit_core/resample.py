@@ -34,7 +34,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from vit_core.errors import LayoutError
+from vit_core.errors import ConfigError, LayoutError
 
 INTERPOLATIONS = ("bicubic", "bicubic_antialias", "bilinear", "jax_zoom")
 DEFAULT_INTERPOLATION = "bicubic"
@@ -117,9 +117,9 @@ _ROWS: dict[str, Callable[[int, int, int], dict[int, float]]] = {
 
 
 def check_interpolation(interpolation: str) -> str:
-    """The mode itself, or a ValueError listing the modes (callers validate early with it)."""
+    """The mode itself, or a `ConfigError` listing the modes (callers validate early with it)."""
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(
+        raise ConfigError(
             f"interpolation={interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}"
         )
     return interpolation

@@ -18,14 +18,21 @@ def assign_internal_weights(
     model: nn.Module, internal: Mapping[str, np.ndarray], dtype: torch.dtype | None = None
 ) -> nn.Module:
     """Load `internal` into `model` strictly (the layout was checked before we get here)."""
-    state = {
-        k: torch.from_numpy(v if v.flags.writeable else v.copy())
-        for k, v in ((k, np.ascontiguousarray(v)) for k, v in internal.items())
-    }
+    state = {k: _tensor(v) for k, v in internal.items()}
     model.load_state_dict(state, strict=True, assign=True)
     if dtype is not None:
         model.to(dtype)
     return model
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch tensor over `array`; numpy's bfloat16 (ml_dtypes) travels as raw 16-bit words."""
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # torch.from_numpy wants writable memory
+        array = array.copy()
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def internal_weights(model: nn.Module) -> dict[str, np.ndarray]:
@@ -44,5 +51,6 @@ def build_model(
             model: nn.Module = ViTForImageClassification(config)
         else:
             model = ViTModel(config, add_pooling_layer=kind.pooler)
-    torch_dtype = getattr(torch, str(dtype).removeprefix("torch.")) if dtype is not None else None
+    # float32 unless asked otherwise, whatever the file stores (as transformers and the twin do)
+    torch_dtype = getattr(torch, str(dtype).removeprefix("torch.")) if dtype else torch.float32
     return assign_internal_weights(model, internal, torch_dtype).eval()

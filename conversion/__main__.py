@@ -1,0 +1,5 @@
+"""`python -m conversion`: see `conversion.cli`."""
+
+from conversion.cli import main
+
+raise SystemExit(main())

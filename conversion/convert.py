@@ -1,0 +1,449 @@
+"""The conversion pipeline, one way through:
+
+    detect -> read -> hints and overrides -> ViTConfig -> check_layout
+      -> resample positions (--image-size) -> dtype -> stage, [verify], commit
+
+Readers (`conversion.sources.*`) know their source; everything after them is shared and
+knows only the canonical layout. What the weights fix cannot be overridden by a hint: a
+contradiction is an error naming both values, never a silently broken model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from conversion.detect import detect
+from conversion.sources.base import SourceWeights
+from conversion.write import OutputExistsError, staged, write_files
+from vit_core import __version__
+from vit_core._io import local_path, read_json_object
+from vit_core.config import ViTConfig
+from vit_core.errors import ConfigError
+from vit_core.layout import WEIGHTS_NAME, ModelKind, check_layout, model_kind
+from vit_core.loading import resize_for_image_size
+from vit_core.resample import check_interpolation
+
+SOURCES = ("auto", "timm", "jax", "hf")
+DTYPES = ("float32", "bfloat16", "float16")
+GELU = {"exact": "gelu", "tanh": "gelu_pytorch_tanh"}
+# Fields the weights' shapes decide; a hint that contradicts them is an error.
+WEIGHT_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "patch_size",
+    "image_size",
+    "num_channels",
+    "qkv_bias",
+    "use_class_token",
+    "pooler_output_size",
+)
+# What a model name (--model-name) contributes: the architecture, never numerics or labels
+# (those belong to the source's family and checkpoint).
+NAME_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "patch_size",
+    "image_size",
+)
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ViTConfig) if f.name != "extra")
+# Other ecosystems' words for config fields (timm, big_vision), for "did you mean".
+FIELD_ALIASES = {
+    "num_heads": "num_attention_heads",
+    "embed_dim": "hidden_size",
+    "width": "hidden_size",
+    "depth": "num_hidden_layers",
+    "mlp_dim": "intermediate_size",
+    "img_size": "image_size",
+    "num_classes": "num_labels",
+    "eps": "layer_norm_eps",
+    "act_layer": "hidden_act",
+}
+
+
+@dataclass
+class ConversionResult:
+    """What `convert` did: where, from what, the model it wrote, and what it assumed."""
+
+    out: Path
+    source: Path
+    source_kind: str
+    source_format: str
+    config: ViTConfig
+    kind: ModelKind
+    parameters: int
+    file_bytes: int
+    dtype: str
+    assumed: list[str] = field(default_factory=list)
+    resampled: str | None = None
+    seconds: float = 0.0
+    verification: Any = None
+
+
+# ------------------------------------------------------------------ hints
+def _pair(value: Any) -> Any:
+    """image_size/patch_size as a comparable (h, w); other values unchanged."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return tuple(value)
+    return value
+
+
+def check_fields(fields: Iterable[str], origin: str) -> None:
+    """Refuse names that are not ViTConfig fields, suggesting the closest one."""
+    for name in fields:
+        if name not in CONFIG_FIELDS:
+            close = [FIELD_ALIASES[name]] if name in FIELD_ALIASES else []
+            close = close or difflib.get_close_matches(name, CONFIG_FIELDS, n=1)
+            hint = (
+                f"; did you mean {close[0]}?" if close else f"; fields: {', '.join(CONFIG_FIELDS)}"
+            )
+            raise ConfigError(f"{origin}: {name!r} is not a ViTConfig field{hint}")
+
+
+def hint_layers(
+    model_name: str | None, config_file: str | Path | None, overrides: Mapping[str, Any] | None
+) -> list[tuple[str, dict[str, Any]]]:
+    """(origin, fields) in increasing precedence: --model-name, --config, --set."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if model_name:
+        from vit_core.names import name_fields
+
+        fields = name_fields(model_name)
+        layers.append((f"--model-name {model_name}", {k: fields[k] for k in NAME_FIELDS}))
+    if config_file is not None:
+        data = read_json_object(local_path(config_file))
+        if "architecture" in data and "model_type" not in data:  # a timm hub config.json
+            from conversion.sources.timm import hints_from_timm_config
+
+            data = hints_from_timm_config(data)[0]
+        elif data.get("model_type", "vit") != "vit":
+            raise ConfigError(
+                f"{config_file}: model_type={data['model_type']!r}; only ViT configs apply"
+            )
+        data = {k: v for k, v in data.items() if k != "model_type"}
+        layers.append((f"--config {config_file}", data))
+    if overrides:
+        check_fields(overrides, "--set")
+        layers.append(("--set", dict(overrides)))
+    return layers
+
+
+def merge_config(
+    source: SourceWeights, layers: Sequence[tuple[str, dict[str, Any]]], gelu: str | None
+) -> dict[str, Any]:
+    """The reader's fields, then each hint layer; contradicting the weights is an error."""
+    fixed = set(WEIGHT_FIELDS) | source.fixed
+    if any(k.startswith("classifier.") for k in source.tensors):
+        fixed.add("num_labels")
+    fields = dict(source.config)
+    for origin, layer in layers:
+        for name, value in layer.items():
+            if (
+                name in fixed
+                and name in source.config
+                and _pair(value) != _pair(source.config[name])
+            ):
+                raise ConfigError(
+                    f"{origin} gives {name}={value!r}, but the weights say "
+                    f"{source.config[name]!r}; leave it out, or convert a matching checkpoint"
+                )
+            fields[name] = value
+    if gelu is not None:
+        fields["hidden_act"] = GELU[gelu]
+    return fields
+
+
+def build_config(fields: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> ViTConfig:
+    classifier = any(k.startswith(("vit.", "classifier.")) for k in tensors)
+    architectures = ["ViTForImageClassification" if classifier else "ViTModel"]
+    try:
+        return ViTConfig.from_dict({**fields, "architectures": architectures})
+    except TypeError as exc:  # a field of the wrong JSON type
+        raise ConfigError(f"config: {exc}") from None
+
+
+# ------------------------------------------------------------ later stages
+def parse_image_size(text: str | int | Sequence[int]) -> tuple[int, int]:
+    """ "384" or "384x512" (or an int, or a pair) -> (height, width)."""
+    if isinstance(text, int):
+        return text, text
+    if not isinstance(text, str):
+        height, width = text
+        return int(height), int(width)
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) <= 0:
+        raise ConfigError(f"image size {text!r}: expected H or HxW, e.g. 384 or 384x512")
+    return (values[0], values[-1])
+
+
+def numpy_dtype(name: str) -> np.dtype[Any]:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def target_dtype(tensors: Mapping[str, np.ndarray], requested: str | None) -> str:
+    """The requested dtype, else the source's (when it is one of DTYPES), else float32."""
+    if requested is not None:
+        if requested not in DTYPES:
+            raise ConfigError(f"dtype {requested!r}; choose one of {', '.join(DTYPES)}")
+        return requested
+    found = {str(v.dtype) for v in tensors.values()}
+    return found.pop() if len(found) == 1 and found <= set(DTYPES) else "float32"
+
+
+def file_digest(files: Sequence[Path], progress: bool | None) -> str:
+    """sha256 of the files' bytes, in order (one file: what `sha256sum` prints)."""
+    digest = hashlib.sha256()
+    total = sum(f.stat().st_size for f in files)
+    with _progress_bar(
+        total=total, unit="B", unit_scale=True, desc="sha256", disable=_quiet(progress)
+    ) as bar:
+        for file in files:
+            with open(file, "rb") as handle:
+                while chunk := handle.read(1 << 22):
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _progress_bar(**kwargs: Any) -> Any:
+    """A tqdm bar; without tqdm installed, one that shows nothing."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress is a nicety, not a dependency
+        return _NoBar()
+    return tqdm(**kwargs)
+
+
+class _NoBar:
+    """Stands in for a tqdm bar when tqdm is not installed."""
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    def update(self, count: int = 1) -> None:
+        return None
+
+    def set_description(self, text: str) -> None:
+        return None
+
+
+def _quiet(progress: bool | None) -> bool | None:
+    """tqdm's `disable`: None shows bars only on a terminal."""
+    return None if progress is None else not progress
+
+
+def _weight_files(module: ModuleType, path: Path) -> list[Path]:
+    files = getattr(module, "weight_files", None)
+    if files is not None:
+        return list(files(path))
+    return [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+
+
+def _refuse_self_overwrite(src: Path, out: Path) -> None:
+    if not (out.exists() or out.is_symlink()):
+        return
+    real_src, real_out = src.resolve(), out.resolve()
+    if real_src == real_out or real_out in real_src.parents:
+        raise OutputExistsError(
+            f"{out}: holds the source {src}; replacing it would delete the source, so choose "
+            "another output folder"
+        )
+
+
+# -------------------------------------------------------------------- convert
+def convert(
+    src: str | Path,
+    out: str | Path,
+    *,
+    source: str = "auto",
+    model_name: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    image_size: str | int | Sequence[int] | None = None,
+    interpolation: str | None = None,
+    dtype: str | None = None,
+    gelu: str | None = None,
+    verify: bool = False,
+    force: bool = False,
+    progress: bool | None = None,
+) -> ConversionResult:
+    """Convert a timm, JAX `.npz` or Hugging Face checkpoint into a canonical folder.
+
+    `overrides` are config fields (as `--set`); `image_size` resamples the position
+    embeddings (`interpolation`: one of `vit_core.resample.INTERPOLATIONS`, default the
+    source's own);
+    `dtype` casts the weights (default: the source's). With `verify`, OUT is checked in
+    both backends (and against the source library where importable) before it appears;
+    a mismatch raises `VerificationError` and OUT is not written. Nothing is left behind
+    on error, and an existing OUT is replaced only with `force`.
+    """
+    started = time.perf_counter()
+    _check_options(source, gelu, interpolation, image_size)
+    size = parse_image_size(image_size) if image_size is not None else None
+    src_path, out_path = local_path(src), Path(os.path.abspath(out))
+    _refuse_self_overwrite(src_path, out_path)
+    with staged(out_path, force) as staging, _stages(progress) as stage:
+        stage("detecting")
+        layers = hint_layers(model_name, config_file, overrides)
+        kind_name, reader = detect(src_path, source)
+        stage(f"reading {kind_name}")
+        hints = {k: v for _, layer in layers for k, v in layer.items()}
+        if gelu is not None:  # so the reader records the asked-for form, not its default
+            hints["hidden_act"] = GELU[gelu]
+        weights = reader.read(src_path, hints)
+        stage("checking")
+        config = build_config(merge_config(weights, layers, gelu), weights.tensors)
+        tensors = dict(weights.tensors)
+        kind = model_kind(tensors, config)
+        check_layout(tensors, config, kind, str(src_path))
+        resampled = None
+        if size is not None and size != config.image_hw:
+            mode = interpolation or getattr(reader, "DEFAULT_INTERPOLATION", "bicubic")
+            stage(f"resampling positions ({mode})")
+            resampled = f"{config.image_hw[0]}x{config.image_hw[1]} -> {size[0]}x{size[1]} ({mode})"
+            tensors, config = resize_for_image_size(tensors, config, kind, size, mode)
+            check_layout(tensors, config, kind, f"{src_path} resampled to {size}")
+        stage("casting")
+        dtype = target_dtype(tensors, dtype)
+        tensors = cast(tensors, dtype)
+        if "torch_dtype" in config.extra:  # transformers' record of the stored dtype
+            config.extra["torch_dtype"] = dtype
+        stage("hashing the source")
+        metadata = {
+            "format": "pt",
+            "source_format": weights.source_format,
+            "source_sha256": file_digest(_weight_files(reader, src_path), progress),
+            "converter_version": __version__,
+        }
+        stage("writing")
+        write_files(staging, tensors, config, _processor(weights, config), metadata)
+        report = None
+        if verify:
+            stage("verifying")
+            from conversion.verify import VerificationError, verify_folder
+
+            report = verify_folder(staging, src_path, kind_name, reader, dtype, bool(resampled))
+            if not report.ok:
+                raise VerificationError(report)
+    return ConversionResult(
+        out=out_path,
+        source=src_path,
+        source_kind=kind_name,
+        source_format=weights.source_format,
+        config=config,
+        kind=kind,
+        parameters=int(sum(v.size for v in tensors.values())),
+        file_bytes=(out_path / WEIGHTS_NAME).stat().st_size,
+        dtype=dtype,
+        assumed=list(weights.assumed),
+        resampled=resampled,
+        seconds=time.perf_counter() - started,
+        verification=report,
+    )
+
+
+def _check_options(
+    source: str, gelu: str | None, interpolation: str | None, image_size: Any
+) -> None:
+    """Refuse bad option values before any file is touched."""
+    if source not in SOURCES:
+        raise ConfigError(f"source kind {source!r}; choose one of {', '.join(SOURCES)}")
+    if gelu is not None and gelu not in GELU:
+        raise ConfigError(f"gelu {gelu!r}; choose one of {', '.join(GELU)}")
+    if interpolation is not None:
+        check_interpolation(interpolation)
+    if interpolation is not None and image_size is None:
+        raise ConfigError("--interpolation applies only with --image-size")
+
+
+@contextlib.contextmanager
+def _stages(progress: bool | None) -> Iterator[Callable[[str], None]]:
+    """A progress bar over the pipeline's stages; `stage(name)` moves it on."""
+    with _progress_bar(total=8, desc="converting", disable=_quiet(progress), leave=False) as bar:
+
+        def stage(name: str) -> None:
+            bar.set_description(name)
+            bar.update()
+
+        yield stage
+
+
+def cast(tensors: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """Every tensor in `dtype` (numpy rounds to nearest even, as torch does)."""
+    target = numpy_dtype(dtype)
+    return {k: v if v.dtype == target else v.astype(target) for k, v in tensors.items()}
+
+
+def _processor(weights: SourceWeights, config: ViTConfig) -> Any:
+    """The source's preprocessor, resizing to the (possibly resampled) model's input size."""
+    from vit_core.processing import ViTImageProcessor
+
+    height, width = config.image_hw
+    return ViTImageProcessor.from_dict(
+        dict(weights.processor), size={"height": height, "width": width}
+    )
+
+
+# -------------------------------------------------------------------- summary
+def _bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{count} B"
+        size /= 1024
+    return f"{count} B"
+
+
+def summary(result: ConversionResult) -> str:
+    """A few lines for the terminal: architecture, size, file, assumptions, time."""
+    c = result.config
+    (h, w), (ph, pw) = c.image_hw, c.patch_hw
+    model = "ViTForImageClassification" if result.kind.classifier else "ViTModel"
+    head = f", {c.num_labels} classes" if result.kind.classifier else ""
+    pooler = " + pooler" if result.kind.pooler else ""
+    lines = [
+        f"converted {result.source_kind} checkpoint ({result.source_format}) {result.source}"
+        f" -> {result.out}",
+        f"  architecture: {model}{pooler}: width {c.hidden_size}, {c.num_hidden_layers} layers, "
+        f"{c.num_attention_heads} heads, MLP {c.intermediate_size}, patch {ph}x{pw}, "
+        f"image {h}x{w}{head}; layer_norm_eps {c.layer_norm_eps:g}, {c.hidden_act}",
+        f"  parameters:   {result.parameters:,} ({result.dtype})",
+        f"  file:         {WEIGHTS_NAME} {_bytes(result.file_bytes)}"
+        " (+ config.json, preprocessor_config.json)",
+    ]
+    if result.resampled:
+        lines.append(f"  resampled:    position embeddings {result.resampled}")
+    if result.assumed:
+        lines.append("  assumed:")
+        lines += [f"    - {note}" for note in result.assumed]
+    else:
+        lines.append("  assumed:      nothing (everything came from the source)")
+    lines.append(f"  time:         {result.seconds:.1f} s")
+    return "\n".join(lines)
