@@ -22,8 +22,9 @@ import pytest
 import torch
 
 import vit_core
+from conversion.convert import convert
 from conversion.sources import jax as jax_source
-from vit_core.errors import CheckpointError
+from vit_core.errors import CheckpointError, ConfigError
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -396,11 +397,7 @@ def test_headless_and_zero_head(tmp_path: Path, good_arrays) -> None:
 
 
 def test_through_conversion_pipeline(oracle, tmp_path: Path) -> None:
-    """End to end through `conversion.convert` (skipped while the pipeline is absent)."""
-    try:
-        from conversion.convert import convert
-    except ImportError:
-        pytest.skip("conversion.convert is not there yet")
+    """End to end through `conversion.convert`."""
     model = make_timm(oracle, seed=11, no_embed_class=True)
     path = write_npz(tmp_path / "bv.npz", npz_arrays(model, big_vision=True, prefix="params/"))
     out = tmp_path / "out"
@@ -419,3 +416,20 @@ def test_through_conversion_pipeline(oracle, tmp_path: Path) -> None:
         with torch.no_grad():
             got = vit_core.load(out, backend=backend)(x).logits
         oracle.assert_close(got, want, f"jax npz via conversion.convert -> {backend}: logits")
+
+
+def test_head_count_fixed_by_the_kernels_cannot_be_overridden(oracle, tmp_path: Path) -> None:
+    """The (D, heads, head_dim) kernels fix the head count; a hint that disagrees is an error."""
+    model = make_timm(oracle, seed=12)
+    path = write_npz(tmp_path / "vit.npz", npz_arrays(model, big_vision=False))
+    with pytest.raises(ConfigError, match="num_attention_heads=4, but the weights say 3"):
+        convert(path, tmp_path / "out", overrides={"num_attention_heads": 4}, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gelu_option_reaches_the_reader(oracle, tmp_path: Path) -> None:
+    """--gelu exact: the config says exact GELU and nothing claims the tanh form was assumed."""
+    path = write_npz(tmp_path / "vit.npz", npz_arrays(make_timm(oracle, seed=13), big_vision=False))
+    result = convert(path, tmp_path / "out", gelu="exact", progress=False)
+    assert result.config.hidden_act == "gelu"
+    assert not any("gelu_pytorch_tanh" in note for note in result.assumed)
