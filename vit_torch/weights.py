@@ -37,7 +37,8 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 def internal_weights(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's weights as float32 numpy arrays under their internal names."""
-    return {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
+    # A copy: `.numpy()` alone would share memory with the live parameters.
+    return {k: v.detach().cpu().float().numpy().copy() for k, v in model.state_dict().items()}
 
 
 def build_model(
