@@ -1,17 +1,22 @@
-"""The command line: `python -m vit_core demo` and `python -m vit_core predict IMAGE...`.
+"""The command line: `python -m vit_core demo | predict | explain | info`.
 
 `demo` is the end-to-end proof a user can run in seconds: one safetensors file, loaded by
 both twins, classifies the same preprocessed digits with the same answers. `predict` is the
-smallest useful tool on top of `vit_core.load`. Errors the package foresees (`ViTError`)
-end as one `error: ...` line and exit status 2; `--debug` shows the traceback instead.
+smallest useful tool on top of `vit_core.load`, and scales to folders: images are streamed
+in batches (`vit_core.batching`), never all held at once. `explain` draws where the model
+looked (`vit_core.explain`), with the same numpy arithmetic for both twins. Errors the
+package foresees (`ViTError`) end as one `error: ...` line and exit status 2; `--debug`
+shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.resources
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -22,6 +27,7 @@ from typing import Any
 import numpy as np
 
 import vit_core
+from vit_core.batching import open_image
 from vit_core.config import ViTConfig
 from vit_core.errors import ImageError, ViTError
 
@@ -181,44 +187,191 @@ def _verdict(accuracy: dict[str, float], differ: int) -> int:
 
 
 # ----------------------------------------------------------------------- predict
-def open_image(path: Path) -> Any:
-    """A decoded, upright PIL image, or an `ImageError` that names the file.
+def default_workers() -> int:
+    """Decoding workers by default: two, or fewer on a one-core machine."""
+    return min(2, os.cpu_count() or 1)
 
-    The EXIF orientation is applied (phones store photos sideways and say so in a tag), as
-    an image viewer shows the photo. PIL's decompression-bomb guard stays on: an image of
-    more than twice `PIL.Image.MAX_IMAGE_PIXELS` pixels is refused before it is decoded.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
 
+class _NoBar:
+    """Stands in for a tqdm bar when tqdm is missing or one batch makes a bar pointless."""
+
+    def update(self, _count: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def write(text: str, file: Any = None) -> None:
+        print(text, file=file or sys.stdout)
+
+
+def progress_bar(total: int, enabled: bool) -> Any:
+    """A tqdm bar on stderr over `total` images, or a silent stand-in (tqdm is optional)."""
+    if enabled:
+        with contextlib.suppress(ImportError):
+            from tqdm import tqdm
+
+            return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+    return _NoBar()
+
+
+def _batches(args: argparse.Namespace, paths: list[Path], processor: Any) -> Iterator[Any]:
+    """The stream of decoded batches for the backend: torch DataLoader or decode threads."""
+    from vit_core.batching import threaded_batches, torch_batches
+
+    stream = torch_batches if args.backend == "torch" else threaded_batches
+    return stream(paths, processor, args.batch_size, args.workers)
+
+
+def _result_lines(path: Path, predictions: list[tuple[str, float]]) -> list[str]:
+    """`path:` then one `  rank. pp.pp %  label` line per prediction (the printed format)."""
+    ranked = enumerate(predictions, start=1)
+    return [f"{path}:", *(f"  {r}. {100 * p:6.2f} %  {label}" for r, (label, p) in ranked)]
+
+
+def _classifier(args: argparse.Namespace, model: Any) -> tuple[Callable[..., np.ndarray], str]:
+    """The batch -> logits function of the backend, and how it runs (for the summary)."""
+    if args.backend == "flax":
+        from vit_core.batching import ShardedFlaxModel
+
+        sharded = ShardedFlaxModel(model)
+        how = f"{args.workers} decoding thread(s), batches sharded over {sharded.describe()}"
+        return sharded.logits, how
+    how = f"DataLoader with up to {args.workers} worker process(es)"
+    return functools.partial(logits_of, model, "torch"), how
+
+
+def _predict_stream(
+    args: argparse.Namespace,
+    paths: list[Path],
+    logits: Callable[[np.ndarray], np.ndarray],
+    config: ViTConfig,
+    processor: Any,
+    writer: Any,
+    k: int,
+) -> tuple[int, int]:
+    """Run every batch, printing or writing each result as it comes: (done, skipped)."""
+    from vit_core.batching import top_k
+
+    bar = progress_bar(len(paths), enabled=len(paths) > args.batch_size)
+    done = skipped = 0
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now, so a truncated file fails here and not mid-batch
-            return ImageOps.exif_transpose(image)
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such image file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a folder, not an image file") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image format PIL can read") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read the image ({exc})") from None
+        for batch in _batches(args, paths, processor):
+            for _, message in batch.errors:
+                if not args.skip_errors:
+                    raise ImageError(message)
+                bar.write(f"warning: skipped {message}", file=sys.stderr)
+                skipped += 1
+            if batch.pixels is not None:
+                lines = []  # printed once per batch: the bar is redrawn once, not per image
+                for index, row in zip(batch.indices, softmax(logits(batch.pixels)), strict=True):
+                    predictions = top_k(row, k, config.id2label)
+                    if writer is None:
+                        lines += _result_lines(paths[index], predictions)
+                    else:
+                        writer.write(paths[index], predictions)
+                if lines:
+                    bar.write("\n".join(lines))
+                done += len(batch.indices)
+            bar.update(len(batch.indices) + len(batch.errors))
+    finally:
+        bar.close()
+    return done, skipped
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """Top-k labels with probabilities for each image."""
-    images = [open_image(path) for path in args.images]  # cheap checks before the model
+    """Top-k labels with probabilities for each image, streamed in batches.
+
+    Exit status 1 when `--skip-errors` skipped any image, so scripts notice.
+    """
+    from vit_core.batching import ResultsWriter, expand_inputs
+
+    paths = expand_inputs(args.images)  # cheap checks (files exist) before the model
     with contextlib.ExitStack() as stack:
         folder = args.model or stack.enter_context(asset(SHIPPED_MODEL))
         model = vit_core.load(folder, backend=args.backend, model_type="classification")
         processor = processor_for(Path(folder), model.config)
-    probs = softmax(logits_of(model, args.backend, processor(images)["pixel_values"]))
-    k = min(args.top_k, probs.shape[-1])
-    for path, row in zip(args.images, probs, strict=True):
-        print(f"{path}:")
-        for rank, index in enumerate(np.argsort(-row, kind="stable")[:k], start=1):
-            print(f"  {rank}. {100 * row[index]:6.2f} %  {model.config.id2label[int(index)]}")
+    logits, how = _classifier(args, model)
+    k = min(args.top_k, model.config.num_labels)
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if args.output is not None:
+            writer = stack.enter_context(ResultsWriter(args.output, k))
+        done, skipped = _predict_stream(args, paths, logits, model.config, processor, writer, k)
+    if args.output is not None:
+        summary = f"wrote {done} predictions to {args.output} (backend {args.backend}, {how})"
+        print(summary + (f"; skipped {skipped} unreadable image(s)" if skipped else ""))
+    elif skipped:
+        print(f"skipped {skipped} unreadable image(s)", file=sys.stderr)
+    return 1 if skipped else 0
+
+
+# ----------------------------------------------------------------------- explain
+def attentions_of(
+    model: Any, backend: str, pixel_values: np.ndarray
+) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    """(float32 logits or None for a model without a head, per-layer attentions as numpy)."""
+    if backend == "torch":
+        import torch
+
+        with torch.inference_mode():
+            out = model(torch.from_numpy(pixel_values), output_attentions=True)
+        logits = getattr(out, "logits", None)
+        attentions = [a.float().numpy() for a in out.attentions]
+        return (None if logits is None else logits.float().numpy()), attentions
+    out = model(pixel_values, output_attentions=True)
+    logits = getattr(out, "logits", None)
+    attentions = [np.asarray(a, dtype=np.float32) for a in out.attentions]
+    return (None if logits is None else np.asarray(logits, dtype=np.float32)), attentions
+
+
+def _prediction_title(path: Path, logits: np.ndarray | None, config: ViTConfig) -> str:
+    """`photo.png: label (p %)` for a classifier, the file name alone otherwise."""
+    if logits is None or not config.num_labels or not config.id2label:
+        return path.name
+    probs = softmax(logits)[0]
+    best = int(probs.argmax())
+    return f"{path.name}: {config.id2label[best]} ({100 * probs[best]:.1f} %)"
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    """Attention rollout and the last layer's per-head attention of one image, as a PNG."""
+    from vit_core.explain import explain, figure_size_px, plot_explanation
+
+    image = open_image(args.image)
+    with contextlib.ExitStack() as stack:
+        folder = args.model or stack.enter_context(asset(SHIPPED_MODEL))
+        model = vit_core.load(folder, backend=args.backend)
+        processor = processor_for(Path(folder), model.config)
+    config = model.config
+    logits, attentions = attentions_of(model, args.backend, processor([image])["pixel_values"])
+    maps = explain(
+        attentions,
+        config.grid_hw,
+        config.num_prefix_tokens,
+        config.pooling_type,
+        args.discard_ratio,
+    )
+    output = args.output or Path(f"{args.image.stem}-attention.png")
+    title = _prediction_title(args.image, logits, config)
+    plot_explanation(
+        np.asarray(image.convert("RGB")),
+        maps.rollout_map[0],
+        maps.head_maps[0],
+        output,
+        head_grid=args.head_grid,
+        title=title,
+        layer_count=len(attentions),
+    )
+    width, height = figure_size_px(config.num_attention_heads, args.head_grid)
+    pooled = "class-token row" if config.pooling_type == "cls" else "mean of the patch rows"
+    (gh, gw), heads = config.grid_hw, config.num_attention_heads
+    print(title)
+    print(
+        f"wrote {output} ({width}x{height} px): rollout of the {pooled} over {len(attentions)} "
+        f"layers on {gh}x{gw} patches, last layer's {heads} heads"
+    )
     return 0
 
 
@@ -246,6 +399,45 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0; got {value}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1); got {value}")
+    return value
+
+
+def _results_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() not in (".csv", ".json"):
+        raise argparse.ArgumentTypeError(f"must end in .csv or .json; got {text!r}")
+    return path
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and --backend, the same on every subcommand that runs a model."""
+    parser.add_argument(
+        "--model",
+        type=Path,
+        metavar="FOLDER",
+        help="model folder (model.safetensors + config.json [+ preprocessor_config.json]); "
+        "default: the shipped 8x8 digits model",
+    )
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="default: torch")
+
+
 def _subcommand(
     subparsers: Any, name: str, summary: str, example: str, run: Callable[..., int]
 ) -> argparse.ArgumentParser:
@@ -269,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Vision Transformer twins (PyTorch and Flax) from one safetensors file.",
         epilog=f"examples:\n  {PROG} demo\n  {PROG} predict digit.png --backend flax\n"
+        f"  {PROG} predict photos/ --output results.csv\n"
+        f"  {PROG} explain digit.png -o digit-attention.png\n"
         f"  {PROG} info vit_core/assets/vit-digits",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -285,19 +479,80 @@ def build_parser() -> argparse.ArgumentParser:
     predict = _subcommand(
         subparsers,
         "predict",
-        "print the top-k labels of each image",
-        f"{PROG} predict cat.jpg dog.png --model ./vit-base-patch16-224 --backend flax --top-k 3",
+        "print (or write to CSV/JSON) the top-k labels of each image; files, globs or folders",
+        f"{PROG} predict cat.jpg dog.png --model ./vit-base-patch16-224 --backend flax --top-k 3\n"
+        f"  {PROG} predict photos/ 'more/**/*.jpg' --model ./vit-base-patch16-224 "
+        "--batch-size 64 --output results.csv",
         run_predict,
     )
-    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
     predict.add_argument(
-        "--model",
-        type=Path,
-        help="model folder (model.safetensors + config.json [+ preprocessor_config.json]); "
-        "default: the shipped 8x8 digits model",
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files, globs (quote them; ** recurses) or folders (searched recursively "
+        "for image files by extension)",
     )
-    predict.add_argument("--backend", choices=BACKENDS, default="torch", help="default: torch")
-    predict.add_argument("--top-k", type=_positive_int, default=5, help="default: 5")
+    _model_arguments(predict)
+    predict.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="default: 5")
+    predict.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=32,
+        metavar="N",
+        help="images per forward pass; at most a few batches are in memory (default: 32)",
+    )
+    predict.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=default_workers(),
+        metavar="N",
+        help="decoding workers: DataLoader processes (torch) or threads (flax); 0 decodes "
+        f"in the main process (default: min(2, CPU count) = {default_workers()})",
+    )
+    predict.add_argument(
+        "-o",
+        "--output",
+        type=_results_path,
+        metavar="FILE",
+        help="write path, top-k labels and probabilities to FILE.csv or FILE.json "
+        "instead of printing them",
+    )
+    predict.add_argument(
+        "--skip-errors",
+        action="store_true",
+        help="warn about unreadable images and go on (exit status 1 at the end) instead of "
+        "stopping at the first",
+    )
+    explain = _subcommand(
+        subparsers,
+        "explain",
+        "draw attention rollout and the last layer's attention per head over an image (PNG)",
+        f"{PROG} explain cat.jpg --model ./vit-base-patch16-224 --backend flax "
+        "-o cat-attention.png --head-grid",
+        run_explain,
+    )
+    explain.add_argument("image", type=Path, metavar="IMAGE", help="image file")
+    _model_arguments(explain)
+    explain.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="PNG",
+        help="where to write the figure (default: IMAGE-STEM-attention.png here)",
+    )
+    explain.add_argument(
+        "--head-grid",
+        action="store_true",
+        help="add one panel per head of the last layer below the main row",
+    )
+    explain.add_argument(
+        "--discard-ratio",
+        type=_ratio,
+        metavar="RATIO",
+        default=0.0,
+        help="drop this fraction of the weakest attention links per row before rolling out "
+        "(0 = the paper's rollout; default: 0)",
+    )
     info = _subcommand(
         subparsers,
         "info",
