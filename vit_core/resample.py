@@ -125,6 +125,14 @@ def check_interpolation(interpolation: str) -> str:
     return interpolation
 
 
+def interpolation_mode(interpolate_pos_encoding: bool | str) -> str:
+    """The mode a model's `interpolate_pos_encoding` asks for: True is the default mode
+    (transformers' bicubic), a string names one of INTERPOLATIONS."""
+    if interpolate_pos_encoding is True:
+        return DEFAULT_INTERPOLATION
+    return check_interpolation(str(interpolate_pos_encoding))
+
+
 @lru_cache(maxsize=128)
 def resize_matrix(
     size_in: int, size_out: int, interpolation: str = DEFAULT_INTERPOLATION

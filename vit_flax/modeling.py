@@ -24,7 +24,7 @@ from vit_core.config import TANH_GELU, ViTConfig
 from vit_core.initialization import truncated_normal
 from vit_core.layout import ModelKind
 from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from vit_core.resample import grid_resize_matrices
+from vit_core.resample import grid_resize_matrices, interpolation_mode
 
 for _record in (BaseModelOutputWithPooling, ImageClassifierOutput):
     jax.tree_util.register_dataclass(
@@ -69,13 +69,14 @@ class ViTEmbeddings(nn.Module):
     config: ViTConfig
     dtype: Any = jnp.float32
 
-    def positions_for(self, table: Array, grid: tuple[int, int]) -> Array:
+    def positions_for(self, table: Array, grid: tuple[int, int], interpolation: str) -> Array:
         """Position embeddings for a `grid` of patches, resampled when it differs from training."""
         if grid == self.config.grid_hw:
             return table
         prefix = self.config.num_prefix_tokens
         rows, cols = (
-            jnp.asarray(m, table.dtype) for m in grid_resize_matrices(self.config.grid_hw, grid)
+            jnp.asarray(m, table.dtype)
+            for m in grid_resize_matrices(self.config.grid_hw, grid, interpolation)
         )
         patches = table[0, prefix:].reshape(*self.config.grid_hw, -1)
         resized = jnp.einsum("ah,bw,hwd->abd", rows, cols, patches).reshape(1, -1, table.shape[-1])
@@ -83,7 +84,7 @@ class ViTEmbeddings(nn.Module):
 
     @nn.compact
     def __call__(
-        self, pixels_nhwc: Array, interpolate_pos_encoding: bool, deterministic: bool
+        self, pixels_nhwc: Array, interpolate_pos_encoding: bool | str, deterministic: bool
     ) -> Array:
         config, dim = self.config, self.config.hidden_size
         init = nn.initializers.truncated_normal(config.initializer_range)
@@ -105,9 +106,9 @@ class ViTEmbeddings(nn.Module):
                 [jnp.broadcast_to(cls_token, (batch, 1, dim)).astype(x.dtype), x], axis=1
             )
         table = self.param("position_embeddings", init, (1, config.num_positions, dim))
-        x = x + (self.positions_for(table, grid) if interpolate_pos_encoding else table).astype(
-            x.dtype
-        )
+        if interpolate_pos_encoding:
+            table = self.positions_for(table, grid, interpolation_mode(interpolate_pos_encoding))
+        x = x + table.astype(x.dtype)
         return nn.Dropout(config.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
@@ -218,7 +219,7 @@ class ViTModule(nn.Module):
         deterministic: bool = True,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-        interpolate_pos_encoding: bool = False,
+        interpolate_pos_encoding: bool | str = False,
     ) -> BaseModelOutputWithPooling:
         config, dtype = self.config, self.dtype
         x = ViTEmbeddings(config, dtype, name="embeddings")(
@@ -250,7 +251,7 @@ class ViTForImageClassificationModule(nn.Module):
         deterministic: bool = True,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-        interpolate_pos_encoding: bool = False,
+        interpolate_pos_encoding: bool | str = False,
     ) -> ImageClassifierOutput:
         config = self.config
         base = ViTModule(config, config.classifier_uses_pooler, self.dtype, name="vit")(
@@ -344,7 +345,7 @@ class FlaxViTPreTrainedModel:
         params: Any,
         dropout_rng: Array | None,
         train: bool,
-        interpolate_pos_encoding: bool,
+        interpolate_pos_encoding: bool | str,
         **kwargs: Any,
     ) -> Any:
         self.config.check_pixel_shape(tuple(np.shape(pixel_values)), interpolate_pos_encoding)
@@ -400,7 +401,7 @@ class FlaxViTModel(FlaxViTPreTrainedModel):
         train: bool = False,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-        interpolate_pos_encoding: bool = False,
+        interpolate_pos_encoding: bool | str = False,
         return_dict: bool = True,
     ) -> BaseModelOutputWithPooling | tuple[Any, ...]:
         out = self._run(
@@ -431,7 +432,7 @@ class FlaxViTForImageClassification(FlaxViTPreTrainedModel):
         train: bool = False,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-        interpolate_pos_encoding: bool = False,
+        interpolate_pos_encoding: bool | str = False,
         return_dict: bool = True,
     ) -> ImageClassifierOutput | tuple[Any, ...]:
         out = self._run(

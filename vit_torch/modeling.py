@@ -19,7 +19,7 @@ from vit_core.config import TANH_GELU, ViTConfig
 from vit_core.initialization import TRUNCATED_NORMAL_STD
 from vit_core.layout import ModelKind
 from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from vit_core.resample import grid_resize_matrices
+from vit_core.resample import grid_resize_matrices, interpolation_mode
 
 
 def activation(name: str) -> nn.Module:
@@ -51,7 +51,7 @@ class ViTEmbeddings(nn.Module):
         self.patch_embeddings = nn.Conv2d(config.num_channels, dim, patch, stride=patch)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def positions_for(self, grid: tuple[int, int]) -> torch.Tensor:
+    def positions_for(self, grid: tuple[int, int], interpolation: str) -> torch.Tensor:
         """Position embeddings for a `grid` of patches, resampled when it differs from training."""
         if grid == self.config.grid_hw:
             return self.position_embeddings
@@ -59,7 +59,7 @@ class ViTEmbeddings(nn.Module):
         table = self.position_embeddings
         rows, cols = (
             torch.tensor(m, dtype=table.dtype)
-            for m in grid_resize_matrices(self.config.grid_hw, grid)
+            for m in grid_resize_matrices(self.config.grid_hw, grid, interpolation)
         )
         patches = table[0, prefix:].reshape(*self.config.grid_hw, -1)
         resized = torch.einsum("ah,bw,hwd->abd", rows, cols, patches).reshape(
@@ -67,13 +67,18 @@ class ViTEmbeddings(nn.Module):
         )
         return torch.cat([table[:, :prefix], resized], dim=1)
 
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | str
+    ) -> torch.Tensor:
         x = self.patch_embeddings(pixel_values)
         grid = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = x + (self.positions_for(grid) if interpolate_pos_encoding else self.position_embeddings)
+        if interpolate_pos_encoding:
+            x = x + self.positions_for(grid, interpolation_mode(interpolate_pos_encoding))
+        else:
+            x = x + self.position_embeddings
         return self.dropout(x)
 
 
@@ -240,7 +245,7 @@ class ViTModel(ViTPreTrainedModel):
         pixel_values: torch.Tensor,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-        interpolate_pos_encoding: bool = False,
+        interpolate_pos_encoding: bool | str = False,
         return_dict: bool = True,
     ) -> BaseModelOutputWithPooling | tuple[Any, ...]:
         self.config.check_pixel_shape(tuple(pixel_values.shape), interpolate_pos_encoding)
@@ -276,7 +281,7 @@ class ViTForImageClassification(ViTPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-        interpolate_pos_encoding: bool = False,
+        interpolate_pos_encoding: bool | str = False,
         return_dict: bool = True,
     ) -> ImageClassifierOutput | tuple[Any, ...]:
         base = self.vit(

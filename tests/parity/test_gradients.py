@@ -1,9 +1,9 @@
 """Gradient parity: PyTorch autograd and `jax.grad` agree on the loss and every gradient.
 
-Each example draws a small architecture with `test_twins.architectures`, gives it a
+Each example draws a small architecture with `vit_test_support.architectures`, gives it a
 classifier head for one of transformers' three problem types (single-label
 cross-entropy, multi-label binary cross-entropy, regression MSE), writes random
-canonical weights with `test_twins.random_canonical_weights`, loads the folder in both
+canonical weights with `vit_test_support.random_canonical_weights`, loads the folder in both
 backends and differentiates the loss of the same batch and labels. Dropout is off:
 either the config has none and both run in training mode, or it has some and both run
 in inference mode (torch `.eval()`, Flax `train=False`).
@@ -25,8 +25,6 @@ rounding). Typical examples agree to ~1e-6 of each tensor's scale.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 import tempfile
 from pathlib import Path
 
@@ -37,29 +35,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from vit_test_support import architectures, write_folder
 
 from vit_core import ViTConfig, load
 from vit_core.layout import ModelKind
 from vit_flax.weights import internal_weights
-
-
-def _twins_module() -> object:
-    """tests/parity/test_twins.py as a module (tests are no package: import it by path)."""
-    name = "_vit_twin_parity_test_twins"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("test_twins.py")
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_twins = _twins_module()
-architectures = _twins.architectures  # type: ignore[attr-defined]
-write_folder = _twins.write_folder  # type: ignore[attr-defined]
 
 RTOL = 1e-5
 FLOOR = 1e-9  # absolute slack for gradients that are zero up to rounding (the key bias's)
@@ -83,7 +63,7 @@ def _report_worst() -> object:
 
 @st.composite
 def problems(draw: st.DrawFn) -> tuple[ViTConfig, ModelKind, str]:
-    """An architecture from test_twins, given a head and labels for one problem type."""
+    """An architecture from vit_test_support, given a head and labels for one problem type."""
     config, _ = draw(architectures())
     problem = draw(st.sampled_from(PROBLEMS))
     if problem == "regression":

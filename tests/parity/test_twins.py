@@ -16,10 +16,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from vit_test_support import architectures, write_folder
 
 from vit_core import ViTConfig, load
-from vit_core.layout import WEIGHTS_NAME, ModelKind, expected_shapes
+from vit_core.layout import WEIGHTS_NAME, ModelKind
 
 ATOL = 1e-5
 LARGEST_DIFF = [0.0]  # reported at the end of the module, for the record
@@ -29,60 +30,6 @@ LARGEST_DIFF = [0.0]  # reported at the end of the module, for the record
 def _report_largest_diff() -> object:
     yield
     print(f"\ntwin parity: largest max-abs diff seen {LARGEST_DIFF[0]:.3g} (bound {ATOL})")
-
-
-def random_canonical_weights(
-    config: ViTConfig, kind: ModelKind, seed: int
-) -> dict[str, np.ndarray]:
-    """Every tensor of the layout, perturbed, at a scale that keeps activations near unit size."""
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for key, shape in expected_shapes(config, kind).items():
-        if key.endswith(".bias"):
-            value = 0.1 * rng.standard_normal(shape)
-        elif len(shape) == 1:  # LayerNorm scales: the only 1-D weights
-            value = 1.0 + 0.2 * rng.standard_normal(shape)
-        elif key.endswith(("cls_token", "position_embeddings")):
-            value = 0.5 * rng.standard_normal(shape)
-        else:  # Linear (out, in) and Conv2d (O, I, H, W): scale by fan-in
-            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-        weights[key] = value.astype(np.float32)
-    return weights
-
-
-def write_folder(folder: Path, config: ViTConfig, kind: ModelKind, seed: int) -> None:
-    save_file(random_canonical_weights(config, kind, seed), folder / WEIGHTS_NAME, {"format": "pt"})
-    config.save_pretrained(folder)
-
-
-@st.composite
-def architectures(draw: st.DrawFn) -> tuple[ViTConfig, ModelKind]:
-    heads = draw(st.sampled_from([1, 2, 4]))
-    patch = (draw(st.sampled_from([2, 4, 8])), draw(st.sampled_from([2, 4, 8])))
-    grid = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
-    classifier = draw(st.booleans())
-    use_class_token = draw(st.booleans())
-    config = ViTConfig(
-        hidden_size=heads * draw(st.sampled_from([4, 8])),
-        num_hidden_layers=draw(st.integers(1, 3)),
-        num_attention_heads=heads,
-        intermediate_size=draw(st.sampled_from([16, 24])),
-        hidden_act=draw(st.sampled_from(["gelu", "gelu_pytorch_tanh", "quick_gelu", "relu"])),
-        layer_norm_eps=draw(st.sampled_from([1e-12, 1e-6])),
-        image_size=(grid[0] * patch[0], grid[1] * patch[1]),
-        patch_size=patch,
-        num_channels=draw(st.sampled_from([1, 3])),
-        qkv_bias=draw(st.booleans()),
-        use_class_token=use_class_token,
-        pooling_type="cls" if use_class_token and draw(st.booleans()) else "mean",
-        classifier_uses_pooler=classifier and draw(st.booleans()),
-        num_labels=draw(st.sampled_from([0, 1, 3])) if classifier else 2,
-    )
-    kind = ModelKind(
-        classifier=classifier,
-        pooler=config.classifier_uses_pooler if classifier else draw(st.booleans()),
-    )
-    return config, kind
 
 
 def _outputs(out: object) -> dict[str, np.ndarray]:
