@@ -30,7 +30,7 @@ from conversion.write import OutputExistsError, staged, write_files
 from vit_core import __version__
 from vit_core._io import local_path, read_json_object
 from vit_core.config import ViTConfig
-from vit_core.errors import ConfigError
+from vit_core.errors import ConfigError, LayoutError
 from vit_core.layout import WEIGHTS_NAME, ModelKind, check_layout, model_kind
 from vit_core.loading import resize_for_image_size
 from vit_core.resample import check_interpolation
@@ -396,7 +396,17 @@ def _stages(progress: bool | None) -> Iterator[Callable[[str], None]]:
 
 
 def cast(tensors: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
-    """Every tensor in `dtype` (numpy rounds to nearest even, as torch does)."""
+    """Every tensor in `dtype` (numpy rounds to nearest even, as torch does).
+
+    Only floating-point weights are cast: integer or boolean tensors in a ViT checkpoint
+    mean a file that is not what it claims, refused as `vit_core.load` refuses them.
+    """
+    odd = sorted(f"{k} ({v.dtype})" for k, v in tensors.items() if v.dtype.kind not in "fV")
+    if odd:
+        raise LayoutError(
+            f"non-floating-point weights ({len(odd)}): {', '.join(odd[:10])}; a ViT checkpoint "
+            "holds float tensors only: check the source file"
+        )
     target = numpy_dtype(dtype)
     return {k: v if v.dtype == target else v.astype(target) for k, v in tensors.items()}
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from vit_core.errors import ImageError, ViTError
+from vit_core.processing import open_image
 
 GLOB_CHARACTERS = frozenset("*?[")
 PREFETCH_BATCHES = 1  # batches decoded ahead of the one the model is running on
@@ -39,31 +40,6 @@ BATCH_AXIS = "batch"
 
 
 # ------------------------------------------------------------------ decoding
-def open_image(path: Path) -> Any:
-    """A decoded, upright PIL image, or an `ImageError` that names the file.
-
-    The EXIF orientation is applied (phones store photos sideways and say so in a tag), as
-    an image viewer shows the photo. PIL's decompression-bomb guard stays on: an image of
-    more than twice `PIL.Image.MAX_IMAGE_PIXELS` pixels is refused before it is decoded.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now, so a truncated file fails here and not mid-batch
-            return ImageOps.exif_transpose(image)
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such image file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a folder, not an image file") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image format PIL can read") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read the image ({exc})") from None
-
-
 # ------------------------------------------------------------- finding files
 @functools.cache
 def image_extensions() -> frozenset[str]:

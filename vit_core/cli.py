@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 import vit_core
-from vit_core.batching import open_image
 from vit_core.config import ViTConfig
 from vit_core.errors import ImageError, ViTError
+from vit_core.processing import open_image
 
 BACKENDS = ("torch", "flax")
 SHIPPED_MODEL = "vit-digits"

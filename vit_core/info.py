@@ -11,12 +11,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-
 from vit_core.config import EXTENSION_FIELDS, ViTConfig
 from vit_core.errors import CheckpointError
 from vit_core.layout import check_layout, model_kind
 from vit_core.loading import resolve_files
+from vit_core.safetensors_header import read_header
 
 
 class _ShapeOnly:
@@ -30,14 +29,10 @@ def folder_info(path: str | Path) -> dict[str, Any]:
     """Architecture, parameter count, file size, dtypes, metadata and compatibility."""
     weights, config_file = resolve_files(path)
     config = ViTConfig.from_json_file(config_file)
-    try:
-        with safe_open(weights, framework="np") as handle:
-            metadata = handle.metadata() or {}
-            slices = {key: handle.get_slice(key) for key in handle.keys()}  # noqa: SIM118
-            shapes = {key: s.get_shape() for key, s in slices.items()}
-            dtypes = Counter(s.get_dtype() for s in slices.values())
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
+    header = read_header(weights)  # checked: offsets, dtypes, duplicate names
+    shapes = {key: list(t.shape) for key, t in header.tensors.items()}
+    dtypes = Counter(t.dtype for t in header.tensors.values())
+    metadata = header.metadata
     kind = model_kind(shapes, config)
     layout_problem = None
     try:

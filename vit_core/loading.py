@@ -1,8 +1,11 @@
 """`load`: a canonical folder -> a ready model in the framework asked for; `save_folder` back.
 
-The one road in: find the files, read the config, read the tensors (safetensors, no
-pickle), check every key and shape against the config, rename to the twins' internal
-names, and only then import the backend's framework and build the model.
+The one road in: find the files, read the config, check the safetensors header (sizes,
+offsets, dtypes, names: `vit_core.safetensors_header`) before any tensor is read, read
+the tensors (safetensors, no pickle), refuse non-finite values, check every key and shape
+against the config, rename to the twins' internal names, and only then import the
+backend's framework and build the model. What is done with each stored dtype is
+`DTYPE_POLICY` (and docs/errors.md).
 
 Two explicit changes can be asked for on the way, both done here in numpy so that the
 PyTorch and the Flax model come out with the same weights:
@@ -24,17 +27,24 @@ from typing import Any, Literal
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save
+from safetensors.numpy import load_file, save_file
 
-from vit_core._io import atomic_write_bytes, local_path
+from vit_core._io import (
+    can_write_in_place,
+    files_in_place,
+    local_path,
+    read_json_object,
+    staged_folder,
+)
 from vit_core.config import CONFIG_NAME, ViTConfig
-from vit_core.errors import CheckpointError, ConfigError, LayoutError
+from vit_core.errors import CheckpointError, ConfigError, LayoutError, OutputExistsError, WriteError
 from vit_core.initialization import truncated_normal
 from vit_core.layout import (
     BASE_PREFIX,
     WEIGHTS_NAME,
     ModelKind,
     check_layout,
+    expected_shapes,
     model_kind,
     to_canonical,
     to_internal,
@@ -44,11 +54,29 @@ from vit_core.resample import (
     check_interpolation,
     resample_position_embeddings,
 )
+from vit_core.safetensors_header import Header, read_header
 
 BACKENDS = {"torch": "vit_torch.weights", "flax": "vit_flax.weights"}
 MODEL_TYPES = ("auto", "base", "classification")
 # Files a user may hand us that are checkpoints, just not canonical ones.
 _OTHER_FORMATS = ("pytorch_model.bin", "flax_model.msgpack", "model.safetensors.index.json")
+_CONVERT = "convert the original checkpoint with `python -m conversion SRC -o OUT`"
+
+# What `load` does with each dtype a safetensors file can store (header dtype names).
+# Accepted dtypes are computed in float32 unless `load(dtype=...)` asks otherwise.
+DTYPE_POLICY: dict[str, str] = {
+    "F32": "loaded as is",
+    "F16": "accepted; cast to float32 (exact) unless dtype= asks otherwise",
+    "BF16": "accepted; cast to float32 (exact) unless dtype= asks otherwise",
+    "F64": "accepted; cast to float32 (rounded); a value beyond float32's range is refused",
+    "F8_*, F6_*, F4": "refused (LayoutError): quantised weights; dequantise them first",
+    "I8..I64, U8..U64, BOOL": "refused (LayoutError): integer tensors are not ViT weights",
+    "C64": "refused (LayoutError): complex tensors are not ViT weights",
+}
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# A config asking for more classes than this is refused before the label map is built.
+MAX_LABELS = 1_000_000
 
 
 def resolve_files(path: str | Path) -> tuple[Path, Path]:
@@ -82,11 +110,177 @@ def resolve_files(path: str | Path) -> tuple[Path, Path]:
 
 
 def read_tensors(weights: Path) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as numpy arrays (no code is ever executed)."""
+    """All tensors of a safetensors file as numpy arrays (no code is ever executed).
+
+    The header is checked first (`read_header`: sizes, offsets, duplicate names), then
+    the dtypes (`DTYPE_POLICY`), then the values (`check_finite`).
+    """
+    header = read_header(weights)
+    check_dtypes(header)
     try:
-        return load_file(weights)
-    except (SafetensorError, OSError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
+        tensors = load_file(weights)
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(
+            f"{weights}: not a readable safetensors file ({exc}); re-download or re-export it"
+        ) from None
+    if set(tensors) != set(header.tensors):  # the file changed under us
+        raise CheckpointError(f"{weights}: the file changed while it was read; try again")
+    check_finite(tensors, str(weights))
+    return tensors
+
+
+def check_dtypes(header: Header) -> None:
+    """Refuse, before reading them, tensors whose dtype `DTYPE_POLICY` does not accept."""
+    if not header.tensors:
+        raise CheckpointError(
+            f"{header.path}: holds no tensors (an empty safetensors file); {_CONVERT}, or "
+            "save the model again"
+        )
+    bad = {k: info.dtype for k, info in header.tensors.items() if info.dtype not in FLOAT_DTYPES}
+    if not bad:
+        return
+    kinds = set(bad.values())
+    if any(d.startswith(("F8", "F6", "F4")) for d in kinds):
+        why = "low-precision floats are quantised weights: dequantise them to float32 first"
+    elif "C64" in kinds:
+        why = "complex numbers are not ViT weights"
+    else:
+        why = (
+            "integers are quantised weights or not weights at all (step counters, indices): "
+            f"use a floating-point checkpoint, or {_CONVERT}"
+        )
+    listed = ", ".join(f"{k} ({d})" for k, d in list(bad.items())[:5])
+    more = f", ... ({len(bad)} in all)" if len(bad) > 5 else ""
+    raise LayoutError(
+        f"{header.path}: {len(bad)} tensor(s) of a dtype ViT weights cannot have: {listed}"
+        f"{more}; expected a float dtype ({', '.join(FLOAT_DTYPES)}); {why}"
+    )
+
+
+def non_finite_report(tensors: Mapping[str, np.ndarray]) -> str | None:
+    """'N tensor(s) hold non-finite values: key: 2 NaN of 768 values; ...', or None.
+
+    Counted in each float tensor: NaN, +-inf, and float64 values beyond float32's range
+    (they would become inf in the float32 model).
+    """
+    problems = []
+    for key, value in tensors.items():
+        if value.dtype.name not in ("float32", "float16", "bfloat16", "float64"):
+            continue
+        nan = int(np.count_nonzero(np.isnan(value)))
+        inf = int(np.count_nonzero(np.isinf(value)))
+        big = 0
+        if value.dtype == np.float64:
+            big = int(np.count_nonzero(np.abs(np.nan_to_num(value)) > _FLOAT32_MAX)) - inf
+        if nan or inf or big:
+            parts = [f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "inf")) if n]
+            parts += [f"{big} beyond float32's range"] if big else []
+            problems.append(f"{key}: {', '.join(parts)} of {value.size} values")
+    if not problems:
+        return None
+    more = f"; ... ({len(problems)} tensors in all)" if len(problems) > 5 else ""
+    return f"{len(problems)} tensor(s) hold non-finite values: {'; '.join(problems[:5])}{more}"
+
+
+def check_finite(tensors: Mapping[str, np.ndarray], source: str) -> None:
+    """Refuse NaN or infinite weights, and float64 values that overflow float32.
+
+    A trained checkpoint never holds them: the model would answer NaN for every input.
+    The error names each tensor and how many values are bad.
+    """
+    report = non_finite_report(tensors)
+    if report:
+        raise CheckpointError(
+            f"{source}: {report}. A usable model never does (the file is corrupt, or "
+            "training diverged): re-export it from a good checkpoint"
+        )
+
+
+def read_config(config_file: Path) -> ViTConfig:
+    """`ViTConfig` from a `config.json`; every problem is a `ConfigError` naming the file.
+
+    Beyond `ViTConfig.validate`, JSON types are checked (`check_config_types`) so that a
+    string where a bool belongs, or a huge label count, fails here with the field's name.
+    """
+    data = read_json_object(config_file)
+    check_config_types(data, config_file)
+    try:
+        return ViTConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{config_file}: {exc}") from None
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+        raise ConfigError(
+            f"{config_file}: a field has a value of the wrong kind ({type(exc).__name__}: "
+            f"{exc}); compare it with a config.json written by save_pretrained"
+        ) from None
+
+
+_BOOL_FIELDS = ("qkv_bias", "use_class_token", "classifier_uses_pooler")
+_REAL_FIELDS = (
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "initializer_range",
+    "layer_norm_eps",
+)
+_STR_FIELDS = ("hidden_act", "pooler_act", "pooling_type")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_config_types(data: Mapping[str, Any], source: str | Path) -> None:
+    """Refuse JSON values of the wrong type for the fields `ViTConfig` does not type-check."""
+
+    def fail(name: str, expected: str) -> ConfigError:
+        return ConfigError(
+            f"{source}: {name} must be {expected}; found {data[name]!r}; fix config.json"
+        )
+
+    for name in _BOOL_FIELDS:
+        if name in data and not isinstance(data[name], bool):
+            raise fail(name, "true or false")
+    for name in _REAL_FIELDS:
+        value = data.get(name)
+        if name in data and not (
+            isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+        ):
+            raise fail(name, "a finite number")
+    for name in _STR_FIELDS:
+        if name in data and not isinstance(data[name], str):
+            raise fail(name, "a string")
+    for name in ("image_size", "patch_size"):
+        value = data.get(name)
+        if name in data and not (
+            (_is_int(value) and value > 0)
+            or (
+                isinstance(value, list)
+                and len(value) == 2
+                and all(_is_int(v) and v > 0 for v in value)
+            )
+        ):
+            raise fail(name, "a positive int or [height, width] of positive ints")
+    if "num_labels" in data and data["num_labels"] is not None:
+        value = data["num_labels"]
+        if not _is_int(value) or value < 0:
+            raise fail("num_labels", "an int >= 0")
+        if value > MAX_LABELS:
+            raise fail("num_labels", f"at most {MAX_LABELS:,}")
+    if data.get("id2label") is not None:
+        labels = data["id2label"]
+        if not isinstance(labels, dict) or not all(
+            isinstance(v, str) and str(k).lstrip("-").isdigit() for k, v in labels.items()
+        ):
+            raise fail("id2label", 'an object of "index": "name" strings')
+    if data.get("label2id") is not None:
+        names = data["label2id"]
+        if not isinstance(names, dict) or not all(_is_int(v) for v in names.values()):
+            raise fail("label2id", 'an object of "name": index')
+    architectures = data.get("architectures")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
+    ):
+        raise fail("architectures", "a list of strings")
 
 
 def _select(
@@ -217,8 +411,9 @@ def load(
     if num_labels is not None and model_type == "base":
         raise ValueError("num_labels replaces the classifier head; a base model has none")
     weights, config_file = resolve_files(path)
-    config = ViTConfig.from_json_file(config_file)
+    config = read_config(config_file)
     tensors = read_tensors(weights)
+    _check_depth(tensors, config, weights)
     tensors, kind = _select(
         tensors,
         model_kind(tensors, config),
@@ -235,19 +430,64 @@ def load(
     return _build(backend, config, kind, to_internal(tensors, kind), dtype)
 
 
+def _check_depth(tensors: Mapping[str, np.ndarray], config: ViTConfig, source: Path) -> None:
+    """Fail fast on a config whose depth the file cannot hold (each layer is >= 10 tensors),
+    before a hostile `num_hidden_layers` makes the layout check enumerate billions of keys."""
+    if config.num_hidden_layers * 10 > len(tensors):
+        raise LayoutError(
+            f"{source}: config.json says num_hidden_layers={config.num_hidden_layers}, but the "
+            f"file holds only {len(tensors)} tensors (each layer has at least 10); the config "
+            "does not belong to these weights: use the config.json saved with them"
+        )
+
+
+# Key shapes of other layouts, to say what a mixed or unconverted file holds.
+_FOREIGN_LAYOUTS = (
+    (r"^(module\.)?(blocks\.\d+\.|patch_embed\.|pos_embed$|cls_token$|head\.|fc_norm\.)", "timm"),
+    (r"(^|/)(Transformer|encoderblock_\d+|embedding|head)(/|$)", "original JAX / big_vision"),
+    (r"^(module|model)\.(vit\.|embeddings\.|encoder\.)", "a wrapped (DDP or Lightning) state dict"),
+    (r"\.(kernel|scale)$", "Flax"),
+)
+
+
+def _foreign_hint(keys: set[str]) -> str:
+    """' N of the unexpected keys look like timm's layout (e.g. ...)' or ''."""
+    import re
+
+    for pattern, name in _FOREIGN_LAYOUTS:
+        hits = sorted(k for k in keys if re.search(pattern, k))
+        if hits:
+            return (
+                f" | {len(hits)} of the unexpected keys look like {name} keys (e.g. {hits[0]}): "
+                f"this file is not in the canonical layout, or mixes layouts; {_CONVERT}"
+            )
+    return ""
+
+
 def _check_layout_with_hint(
     tensors: Mapping[str, np.ndarray], config: ViTConfig, kind: ModelKind, source: str
 ) -> None:
-    """`check_layout`, pointing at `num_labels=` when the classifier is what disagrees."""
+    """`check_layout`, with the next step: `num_labels=` when only the classifier
+    disagrees, conversion when keys of another layout are present, else the config."""
     try:
         check_layout(tensors, config, kind, source)
     except LayoutError as exc:
-        if "classifier." not in str(exc):
-            raise
-        raise LayoutError(
-            f"{exc} | to train a new head instead, load with num_labels=N "
-            "(the classifier is then re-initialised, every other weight kept)"
-        ) from None
+        message = str(exc)
+        expected = expected_shapes(config, kind)
+        unexpected = set(tensors) - set(expected)
+        wrong = (set(expected) ^ set(tensors)) | {
+            k for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]
+        }
+        if all(k.startswith("classifier.") for k in wrong):
+            raise LayoutError(
+                f"{message} | to train a new head instead, load with num_labels=N "
+                "(the classifier is then re-initialised, every other weight kept)"
+            ) from None
+        hint = _foreign_hint(unexpected) or (
+            " | next step: check that config.json belongs to these weights "
+            "(`python -m vit_core info FOLDER` shows both side by side)"
+        )
+        raise LayoutError(message + hint) from None
 
 
 def _checked_new_head(
@@ -287,16 +527,67 @@ def _build(
 def save_folder(
     folder: str | Path, config: ViTConfig, internal: dict[str, np.ndarray], kind: ModelKind
 ) -> Path:
-    """Write internal-name weights as a canonical folder; each file replaced atomically."""
+    """Write internal-name weights as a canonical folder, atomically as a whole.
+
+    The folder is written beside `folder` and renamed into place
+    (`vit_core._io.staged_folder`): a reader, or a process killed mid-write, sees the old
+    folder or the complete new one, never a mix. An existing folder is replaced by the
+    new one, carrying over (hard links, else copies) every file the save does not write:
+    `model.safetensors` and `config.json` are new, a `preprocessor_config.json` or any
+    other file already there is kept. A path that is a file is refused; a symlink to a
+    folder is followed (the link keeps pointing at the new folder). Non-finite weights
+    are written with a warning (a diverged model is still worth keeping), but `load`
+    refuses them.
+    """
+    import warnings
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.is_symlink() and folder.is_dir():
+        folder = folder.resolve()
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(
+            f"{folder}: is a file, not a folder; save_pretrained writes a folder there: "
+            "choose another path, or remove the file"
+        )
     canonical = to_canonical(internal, kind)
     check_layout(canonical, config, kind, f"weights to save in {folder}")
+    report = non_finite_report(canonical)
+    if report:
+        warnings.warn(
+            f"saving to {folder}: {report}; saved anyway (a diverged model is worth a "
+            "post-mortem), but vit_core.load refuses the folder",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     arrays = {k: np.ascontiguousarray(v) for k, v in sorted(canonical.items())}
-    atomic_write_bytes(folder / WEIGHTS_NAME, save(arrays, metadata={"format": "pt"}))
     config = ViTConfig.from_dict(
         config.to_dict(),
         architectures=["ViTForImageClassification" if kind.classifier else "ViTModel"],
     )
-    config.save_pretrained(folder)
+
+    def write(staging: Path) -> None:
+        try:
+            save_file(arrays, staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        except (OSError, SafetensorError) as exc:
+            raise WriteError(
+                f"{folder}: cannot write {WEIGHTS_NAME} ({exc}); the folder is unchanged"
+            ) from exc
+        config.save_pretrained(staging)
+
+    try:
+        with staged_folder(folder, replace=True, keep_other_files=True) as staging:
+            write(staging)
+    except WriteError as exc:
+        if not can_write_in_place(exc, folder):
+            raise
+        warnings.warn(
+            f"{folder} cannot be replaced as a whole ({exc.__cause__}): it is a mount point "
+            "or its parent folder is not writable; its files were replaced one by one "
+            "instead (each atomically, not the pair). Save into a subfolder to get the "
+            "all-or-nothing write.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        with files_in_place(folder) as staging:
+            write(staging)
     return folder

@@ -5,11 +5,29 @@ no centre crop) so a model fine-tuned behind the HF processor sees the same inpu
 `preprocessor_config.json` is read and written in HF's format. Only numpy and PIL are needed;
 torch and jax are imported only when `return_tensors` asks for them. Where HF fails on an
 input (grayscale, palette or RGBA images, 2-D arrays) this class converts it to RGB instead.
+
+What is done with each kind of image (docs/errors.md has the table):
+
+- PIL modes RGB, L: used as they are (L repeated to 3 channels unless
+  `do_convert_rgb=False`). "1" (bilevel): black 0, white 255.
+- 16-bit: PIL "I;16" (any byte order), "I" (how older Pillow opens 16-bit PNGs; values
+  must lie in 0..65535) and uint16 arrays are scaled to 8 bits, v * 255 / 65535 rounded
+  (PIL's own `convert` would clip everything above 255 to white). "F" (32-bit float)
+  follows the float-array rules below.
+- P, PA, LA, RGBA, CMYK, YCbCr, LAB, HSV, RGBX, RGBa, La: converted by PIL to RGB, as
+  transformers' `convert_rgb` does; alpha is dropped (not composited), CMYK uses PIL's
+  formula (no ICC profile). With `do_convert_rgb=False` they are refused.
+- numpy: HW, HWC or CHW with 1 or 3 channels; uint8 as is; bool as 0/255; other ints must
+  hold 0..255; floats must be finite, and are resized through 8 bits like HF (integral
+  values taken as 0..255, fractions as 0..1). Anything else is an `ImageError`.
+- Files (`open_image`): decoded at once (a truncated or corrupt file fails there, naming
+  it), the EXIF orientation applied, PIL's decompression-bomb guard kept on.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -94,17 +112,92 @@ def _flatten(images: Any) -> list[Any]:
     return [array]
 
 
+# PIL modes whose values are not intensities of one channel or of R, G, B: they mean
+# something only after PIL's conversion to RGB.
+_CONVERT_ONLY_MODES = ("P", "PA", "YCbCr", "LAB", "HSV")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# What a PIL decoder may raise on a corrupt or truncated file beyond OSError.
+_DECODE_ERRORS = (
+    OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError, struct.error,
+)  # fmt: skip
+
+
+def _image_name(image: Image.Image) -> str:
+    filename = getattr(image, "filename", "")
+    return f"{filename}: " if filename else ""
+
+
+def scale_16_bit(array: np.ndarray) -> np.ndarray:
+    """16-bit intensities (0..65535) as 8-bit ones: v * 255 / 65535, rounded half up."""
+    wide = array.astype(np.uint32)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    """PIL's conversion to RGB, through RGBA or LA for the modes it converts only that way
+    (premultiplied "La")."""
+    for route in (("RGB",), ("RGBA", "RGB"), ("LA", "RGB")):
+        try:
+            converted = image
+            for mode in route:
+                converted = converted.convert(mode)
+            return converted
+        except ValueError as exc:
+            if "not supported" not in str(exc):
+                raise
+    raise ImageError(
+        f"{_image_name(image)}PIL cannot convert mode {image.mode} to RGB; convert the image "
+        "to RGB yourself first"
+    )
+
+
+def _pil_array(image: Image.Image, convert_rgb: bool) -> np.ndarray:
+    """The pixels of a PIL image as an (H, W) or (H, W, C) array, per the module docstring."""
+    mode = image.mode
+    try:
+        if mode in _SIXTEEN_BIT_MODES:
+            array = np.asarray(image)
+            if mode == "I" and array.size and (array.min() < 0 or array.max() > 65535):
+                raise ImageError(
+                    f"{_image_name(image)}a 32-bit integer ('I') image with values "
+                    f"[{array.min()}, {array.max()}]; expected 16-bit values 0..65535 "
+                    "(rescale it to 8 or 16 bits first)"
+                )
+            return scale_16_bit(array)
+        if mode == "1":
+            return np.asarray(image.convert("L"))  # black 0, white 255
+        if mode in ("RGB", "L", "F"):
+            return np.asarray(image)
+        if not convert_rgb:
+            if mode in _CONVERT_ONLY_MODES:
+                channels = len(image.getbands())
+                raise ImageError(
+                    f"{_image_name(image)}PIL mode {mode} with do_convert_rgb=False: expected 1 "
+                    f"or 3 channels of intensities; got {channels} in mode {mode}, whose "
+                    "values mean something only after conversion (leave do_convert_rgb unset)"
+                )
+            return np.asarray(image)  # LA, RGBA, CMYK...: refused below by channel count
+        return np.asarray(_pil_to_rgb(image))  # as HF's convert_to_rgb: alpha dropped
+    except ImageError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise ImageError(
+            f"{_image_name(image)}cannot decode the {mode} image ({type(exc).__name__}: {exc}); "
+            "the file is truncated or corrupt, or the image was closed"
+        ) from None
+
+
 def _to_hwc(image: Any, convert_rgb: bool, input_format: str | None) -> np.ndarray:
     """The image as an (H, W, C) array, channels counted and checked as HF infers them."""
     if isinstance(image, Image.Image):
-        if convert_rgb and image.mode != "RGB":
-            image = image.convert("RGB")  # what HF's convert_to_rgb does: alpha is dropped
-        array = np.asarray(image)
+        array = _pil_array(image, convert_rgb)
         array = array[..., None] if array.ndim == 2 else array
     else:
         array = _as_array(image)
         if array.dtype.kind not in "biuf":
             raise ImageError(f"expected a numeric (bool/int/float) array; got dtype {array.dtype}")
+        if array.dtype.kind == "u" and array.dtype.itemsize == 2:
+            array = scale_16_bit(array)
         if array.ndim == 2:
             array = array[..., None]
         elif array.ndim != 3:
@@ -124,7 +217,9 @@ def _to_hwc(image: Any, convert_rgb: bool, input_format: str | None) -> np.ndarr
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageError(f"expected an image with pixels; got height x width {array.shape[:2]}")
     if array.dtype == np.bool_:
-        array = array.astype(np.uint8)
+        array = array.astype(np.uint8) * np.uint8(255)  # as PIL's mode "1": True is white
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ImageError("expected finite pixel values; the image contains NaN or inf")
     channels = array.shape[2]
     if channels == 1 and convert_rgb:
         array = np.repeat(array, 3, axis=2)
@@ -134,6 +229,40 @@ def _to_hwc(image: Any, convert_rgb: bool, input_format: str | None) -> np.ndarr
             "(convert the image to RGB first)"
         )
     return array
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """A decoded, upright PIL image from a file, or an `ImageError` that names the file.
+
+    The pixels are decoded now, so a truncated or corrupt file fails here and not in the
+    middle of a batch; any failure of PIL's decoders (which raise OSError, ValueError,
+    SyntaxError, EOFError... on hostile files) is an `ImageError`. The EXIF orientation is
+    applied (phones store photos sideways and say so in a tag), as an image viewer shows
+    the photo; a corrupt EXIF block is ignored. PIL's decompression-bomb guard stays on:
+    more than twice `PIL.Image.MAX_IMAGE_PIXELS` pixels is refused before decoding.
+    """
+    from PIL import ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            try:
+                upright = ImageOps.exif_transpose(image)
+            except _DECODE_ERRORS:  # an unreadable orientation tag: keep the pixels as stored
+                upright = image.copy()
+            return upright if upright is not None else image.copy()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such image file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder, not an image file") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image format PIL can read") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
+    except _DECODE_ERRORS as exc:
+        raise ImageError(
+            f"{path}: cannot read the image, truncated or corrupt ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _pil_resize(array: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:

@@ -79,7 +79,7 @@ def sniff(path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
+        except (zipfile.BadZipFile, OSError, UnicodeDecodeError, NotImplementedError):
             return "zip"
         if any(name.endswith("data.pkl") for name in names):
             return "torch-zip"
@@ -183,7 +183,10 @@ def load_torch_file(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "torch-zip")
     except pickle.UnpicklingError as exc:
         raise _unpickling_refusal(path, exc) from None
-    except (RuntimeError, EOFError, OSError, ValueError, struct.error) as exc:
+    except (
+        RuntimeError, EOFError, OSError, ValueError, struct.error,
+        KeyError, IndexError, TypeError, AttributeError,  # a mangled pickle stream
+    ) as exc:  # fmt: skip
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(
             f"{path}: not a readable PyTorch file, truncated or corrupt ({first})"

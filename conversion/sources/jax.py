@@ -83,7 +83,7 @@ def detect(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
         return False
     return any(f"{prefix}{ANCHOR}.npy" in names for prefix in PREFIXES)
 
