@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench format train-digits clean
+.PHONY: run test lint bench format train-digits clean
 
 # torch and torchvision go in first, in one pip command: PyPI's torchvision only
 # imports beside the matching torch, and the oracles (timm, transformers) need it.
@@ -18,9 +18,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m vit_core demo
 
-test: $(STAMP)
+lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest -q
 
 # Speed side by side with timm and transformers (minutes; never part of `make test`).

@@ -325,7 +325,7 @@ def convert(
         check_layout(tensors, config, kind, str(src_path))
         resampled = None
         if size is not None and size != config.image_hw:
-            mode = interpolation or getattr(reader, "DEFAULT_INTERPOLATION", "bicubic")
+            mode = str(interpolation or getattr(reader, "DEFAULT_INTERPOLATION", "bicubic"))
             stage(f"resampling positions ({mode})")
             resampled = f"{config.image_hw[0]}x{config.image_hw[1]} -> {size[0]}x{size[1]} ({mode})"
             tensors, config = resize_for_image_size(tensors, config, kind, size, mode)

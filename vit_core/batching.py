@@ -57,7 +57,7 @@ def is_image_file(path: Path) -> bool:
 
 def images_in_folder(folder: Path) -> list[Path]:
     """Image files under `folder`, recursively, in a stable order; hidden folders skipped."""
-    found = []
+    found: list[Path] = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found.extend(p for p in (Path(root, f) for f in sorted(files)) if is_image_file(p))
@@ -123,7 +123,7 @@ def load_item(index: int, path: Path, processor: Any) -> Item:
 def collate(items: Sequence[Item]) -> Batch:
     """Stack the decoded images of a batch; keep the failures aside."""
     batch = Batch(errors=[(i, error) for i, _, error in items if error is not None])
-    decoded = [(i, pixels) for i, pixels, error in items if error is None]
+    decoded = [(i, pixels) for i, pixels, _ in items if pixels is not None]
     if decoded:
         batch.indices = [i for i, _ in decoded]
         batch.pixels = np.stack([pixels for _, pixels in decoded])
@@ -171,7 +171,7 @@ def torch_batches(
     from torch.utils.data import DataLoader
 
     workers = useful_workers(workers, len(paths), batch_size)
-    loader = DataLoader(
+    loader: DataLoader[Any] = DataLoader(
         ImageFiles(paths, processor),  # type: ignore[arg-type]
         batch_size=batch_size,
         shuffle=False,

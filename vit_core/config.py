@@ -97,14 +97,16 @@ class ViTConfig:
     num_channels: int = 3
     qkv_bias: bool = True
     encoder_stride: int = 16
-    pooler_output_size: int | None = None
+    # Settled in __post_init__ (None: hidden_size), so typed as what the rest of the code sees.
+    pooler_output_size: int = None  # type: ignore[assignment]
     pooler_act: str = "tanh"
     use_class_token: bool = True
     pooling_type: str = "cls"
     classifier_uses_pooler: bool = False
-    num_labels: int | None = None
-    id2label: dict[int, str] | None = None
-    label2id: dict[str, int] | None = None
+    # The label fields settle each other in __post_init__ (transformers' defaults: 2 labels).
+    num_labels: int = None  # type: ignore[assignment]
+    id2label: dict[int, str] = None  # type: ignore[assignment]
+    label2id: dict[str, int] = None  # type: ignore[assignment]
     problem_type: str | None = None
     architectures: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -241,7 +243,9 @@ class ViTConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def check_pixel_shape(self, shape: tuple[int, ...], interpolate_pos_encoding: bool) -> None:
+    def check_pixel_shape(
+        self, shape: tuple[int, ...], interpolate_pos_encoding: bool | str
+    ) -> None:
         """Fail before any compute on pixel_values the model cannot read (both twins call it)."""
         if len(shape) != 4:
             raise InputError(

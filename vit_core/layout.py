@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -164,9 +165,12 @@ def expected_shapes(config: ViTConfig, kind: ModelKind) -> dict[str, tuple[int, 
 
 
 def check_layout(
-    tensors: Mapping[str, np.ndarray], config: ViTConfig, kind: ModelKind, source: str
+    tensors: Mapping[str, Any], config: ViTConfig, kind: ModelKind, source: str
 ) -> None:
-    """Raise `LayoutError` naming every missing, unexpected or mis-shaped key."""
+    """Raise `LayoutError` naming every missing, unexpected or mis-shaped key.
+
+    Only `.shape` of each value is read, so header-only descriptions work too.
+    """
     expected = expected_shapes(config, kind)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

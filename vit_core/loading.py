@@ -23,7 +23,7 @@ import dataclasses
 import importlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
@@ -229,6 +229,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
 def check_config_types(data: Mapping[str, Any], source: str | Path) -> None:
     """Refuse JSON values of the wrong type for the fields `ViTConfig` does not type-check."""
 
@@ -252,12 +256,8 @@ def check_config_types(data: Mapping[str, Any], source: str | Path) -> None:
     for name in ("image_size", "patch_size"):
         value = data.get(name)
         if name in data and not (
-            (_is_int(value) and value > 0)
-            or (
-                isinstance(value, list)
-                and len(value) == 2
-                and all(_is_int(v) and v > 0 for v in value)
-            )
+            _is_positive_int(value)
+            or (isinstance(value, list) and len(value) == 2 and all(map(_is_positive_int, value)))
         ):
             raise fail(name, "a positive int or [height, width] of positive ints")
     if "num_labels" in data and data["num_labels"] is not None:
@@ -345,7 +345,7 @@ def replace_head(
     a zero bias, drawn from `seed`. A base-model checkpoint (no head) gains one: its keys
     take the `vit.` prefix, and an unused pooler is dropped.
     """
-    labels = {"num_labels": num_labels, "id2label": None, "label2id": None}
+    labels: dict[str, Any] = {"num_labels": num_labels, "id2label": None, "label2id": None}
     if id2label is not None:
         labels.update(num_labels=None, id2label=dict(id2label))
         if len(id2label) != num_labels:
@@ -353,7 +353,7 @@ def replace_head(
                 f"num_labels={num_labels} but id2label has {len(id2label)} entries; "
                 "give one of them, or make them agree"
             )
-    new_config = dataclasses.replace(config, **labels)  # type: ignore[arg-type]
+    new_config = dataclasses.replace(config, **labels)
     kept = {k: v for k, v in tensors.items() if not k.startswith("classifier.")}
     if kind.classifier:
         new_kind = kind
@@ -375,9 +375,9 @@ def replace_head(
 
 def load(
     path: str | Path,
-    backend: Literal["torch", "flax"] = "torch",
+    backend: str = "torch",
     dtype: Any = None,
-    model_type: Literal["auto", "base", "classification"] = "auto",
+    model_type: str = "auto",
     image_size: int | tuple[int, int] | None = None,
     interpolation: str = DEFAULT_INTERPOLATION,
     num_labels: int | None = None,
@@ -504,7 +504,8 @@ def _checked_new_head(
         raise ConfigError(f"num_labels must be an int >= 0; got {num_labels!r}")
     # The old head may have any size (that is the point), but the rest must fit the config.
     encoder = {k: v for k, v in tensors.items() if not k.startswith("classifier.")}
-    encoder_config = dataclasses.replace(config, num_labels=0, id2label=None, label2id=None)
+    no_labels: dict[str, Any] = {"num_labels": 0, "id2label": None, "label2id": None}
+    encoder_config = dataclasses.replace(config, **no_labels)
     check_layout(encoder, encoder_config, kind, source)
     return replace_head(tensors, config, kind, num_labels, id2label, seed)
 

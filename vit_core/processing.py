@@ -291,7 +291,7 @@ def _pil_resize(array: np.ndarray, height: int, width: int, resample: int) -> np
 
 
 def _channel_values(value: float | Sequence[float], channels: int, name: str) -> list[float]:
-    if np.ndim(value) == 0:
+    if isinstance(value, int | float):
         return [float(value)] * channels
     if len(value) != channels:
         raise ImageError(f"{name} has {len(value)} values but the image has {channels} channels")
@@ -299,7 +299,7 @@ def _channel_values(value: float | Sequence[float], channels: int, name: str) ->
 
 
 def _listify(value: float | Sequence[float]) -> float | list[float]:
-    return value if np.ndim(value) == 0 else list(value)
+    return value if isinstance(value, int | float) else list(value)
 
 
 class ViTImageProcessor:

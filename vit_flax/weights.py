@@ -65,9 +65,14 @@ def build_model(
     config: Any, kind: Any, internal: Mapping[str, np.ndarray], dtype: Any = None
 ) -> Any:
     """The Flax twin of `kind`, holding `internal` as its params (no random init is run)."""
-    from vit_flax.modeling import FlaxViTForImageClassification, FlaxViTModel
+    from vit_flax.modeling import (
+        FlaxViTForImageClassification,
+        FlaxViTModel,
+        FlaxViTPreTrainedModel,
+    )
 
     compute = jnp.dtype(dtype) if dtype is not None else jnp.float32
+    model: FlaxViTPreTrainedModel
     if kind.classifier:
         model = FlaxViTForImageClassification(config, dtype=compute, _do_init=False)
     else:
