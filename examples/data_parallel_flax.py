@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from digits_data import load_digits_data, make_parser, processor, settings_from
+from digits_data import load_digits_data, make_parser, report, settings_from
 
 
 def force_host_devices(count: int) -> None:
@@ -87,14 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     losses = finetune(model, data, settings, place=place, drop_last=True)
     elapsed = time.perf_counter() - start
     after = accuracy(model, data.test_pixels, data.test_labels)
-    size = settings.image_size
-    print(f"Flax, data-parallel over {len(devices)} devices: fine-tuned at {size}x{size}")
-    print(f"held-out accuracy before (resampled, not trained): {100 * before:.2f} %")
-    print(f"held-out accuracy after {len(losses)} steps ({elapsed:.1f} s): {100 * after:.2f} %")
-    if args.out is not None:
-        model.save_pretrained(args.out)
-        processor(size).save_pretrained(args.out)
-        print(f"wrote {args.out}")
+    report(
+        f"Flax, data-parallel over {len(devices)} devices",
+        before,
+        after,
+        len(losses),
+        elapsed,
+        model,
+        settings,
+        args.out,
+    )
     return 0
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from digits_data import Settings, load_digits_data, make_parser, processor, settings_from
+from digits_data import Settings, load_digits_data, make_parser, report, settings_from
 from finetune_torch import (
     accuracy,
     load_model,
@@ -130,15 +130,9 @@ def train(settings: Settings, out: Path | None, rank: int, world: int) -> None:
     if rank != 0:
         return
     after = accuracy(model.module, data.test_pixels, data.test_labels)
-    size = settings.image_size
     processes = f"{world} process" + ("es" if world > 1 else "")
-    print(f"PyTorch DDP over {processes}: fine-tuned at {size}x{size}")
-    print(f"held-out accuracy before (resampled, not trained): {100 * before:.2f} %")
-    print(f"held-out accuracy after {steps} steps ({elapsed:.1f} s): {100 * after:.2f} %")
-    if out is not None:
-        model.module.save_pretrained(out)
-        processor(size).save_pretrained(out)
-        print(f"wrote {out}")
+    title = f"PyTorch DDP over {processes}"
+    report(title, before, after, steps, elapsed, model.module, settings, out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -165,3 +166,24 @@ def settings_from(args: argparse.Namespace) -> Settings:
         seed=args.seed,
         max_steps=args.max_steps,
     )
+
+
+def report(
+    title: str,
+    before: float,
+    after: float,
+    steps: int,
+    elapsed: float,
+    model: Any,
+    settings: Settings,
+    out: Path | None,
+) -> None:
+    """The examples' common ending: accuracy before and after, and the saved folder."""
+    size = settings.image_size
+    print(f"{title}: fine-tuned at {size}x{size}")
+    print(f"held-out accuracy before (resampled, not trained): {100 * before:.2f} %")
+    print(f"held-out accuracy after {steps} steps ({elapsed:.1f} s): {100 * after:.2f} %")
+    if out is not None:
+        model.save_pretrained(out)
+        processor(size).save_pretrained(out)
+        print(f"wrote {out}")

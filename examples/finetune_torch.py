@@ -28,7 +28,7 @@ from digits_data import (
     load_digits_data,
     lr_factor,
     parse_args,
-    processor,
+    report,
     settings_from,
     total_steps,
     warmup_steps,
@@ -147,15 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     losses = finetune(model, data, settings)
     elapsed = time.perf_counter() - start
     after = accuracy(model, data.test_pixels, data.test_labels)
-    n, size = len(data.test_labels), settings.image_size
-    print(f"PyTorch: shipped 8x8 digits model fine-tuned at {size}x{size}")
-    print(f"train digits: {len(data.train_labels)}, held-out digits: {n}")
-    print(f"held-out accuracy before (resampled, not trained): {100 * before:.2f} %")
-    print(f"held-out accuracy after {len(losses)} steps ({elapsed:.1f} s): {100 * after:.2f} %")
-    if args.out is not None:
-        model.save_pretrained(args.out)
-        processor(size).save_pretrained(args.out)
-        print(f"wrote {args.out}")
+    print(f"train digits: {len(data.train_labels)}, held-out digits: {len(data.test_labels)}")
+    report("PyTorch", before, after, len(losses), elapsed, model, settings, args.out)
     return 0
 
 
