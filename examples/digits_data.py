@@ -177,10 +177,13 @@ def report(
     model: Any,
     settings: Settings,
     out: Path | None,
+    data: Digits | None = None,
 ) -> None:
     """The examples' common ending: accuracy before and after, and the saved folder."""
     size = settings.image_size
     print(f"{title}: fine-tuned at {size}x{size}")
+    if data is not None:
+        print(f"train digits: {len(data.train_labels)}, held-out digits: {len(data.test_labels)}")
     print(f"held-out accuracy before (resampled, not trained): {100 * before:.2f} %")
     print(f"held-out accuracy after {steps} steps ({elapsed:.1f} s): {100 * after:.2f} %")
     if out is not None:

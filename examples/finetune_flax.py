@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     losses = finetune(model, data, settings)
     elapsed = time.perf_counter() - start
     after = accuracy(model, data.test_pixels, data.test_labels)
-    print(f"train digits: {len(data.train_labels)}, held-out digits: {len(data.test_labels)}")
-    report("Flax", before, after, len(losses), elapsed, model, settings, args.out)
+    report("Flax", before, after, len(losses), elapsed, model, settings, args.out, data)
     return 0
 
 
