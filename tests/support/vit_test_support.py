@@ -13,7 +13,7 @@ import numpy as np
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from vit_core import ViTConfig
+from vit_core import ViTConfig, ViTImageProcessor
 from vit_core.layout import WEIGHTS_NAME, ModelKind, expected_shapes
 
 
@@ -69,3 +69,23 @@ def architectures(draw: st.DrawFn) -> tuple[ViTConfig, ModelKind]:
         pooler=config.classifier_uses_pooler if classifier else draw(st.booleans()),
     )
     return config, kind
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "vit_core" / "assets" / "vit-digits"
+
+
+def training_digits(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` digits of the shipped model's training split (never its held-out
+    ones: the split of scripts/train_digits.py), through the shipped processor."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.rint(digits.data.reshape(-1, 8, 8) * (255 / 16)).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    x_train, _, y_train, _ = train_test_split(
+        images, labels, test_size=0.2, random_state=0, stratify=labels
+    )
+    processor = ViTImageProcessor.from_pretrained(SHIPPED)
+    pixels = processor(list(x_train[:count]), return_tensors="np")["pixel_values"]
+    return pixels, y_train[:count]

@@ -5,7 +5,6 @@ and a short optax fine-tune of the shipped digits model on real digits lowers th
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -13,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from vit_test_support import SHIPPED, training_digits
 
-from vit_core import ViTConfig, ViTImageProcessor, load
+from vit_core import ViTConfig, load
 from vit_flax import FlaxViTForImageClassification
 from vit_flax.modeling import ViTEmbeddings
 
-SHIPPED = Path(__file__).resolve().parents[2] / "vit_core" / "assets" / "vit-digits"
 CONFIG = ViTConfig(
     hidden_size=16,
     num_hidden_layers=1,
@@ -41,23 +40,6 @@ def same_weights(config: ViTConfig, params: Any) -> FlaxViTForImageClassificatio
     model = FlaxViTForImageClassification(config, _do_init=False)
     model.params = params
     return model
-
-
-def training_digits(count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` digits of the shipped model's training split (never its held-out
-    ones: the split of scripts/train_digits.py), through the shipped processor."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = np.rint(digits.data.reshape(-1, 8, 8) * (255 / 16)).astype(np.uint8)
-    labels = digits.target.astype(np.int64)
-    x_train, _, y_train, _ = train_test_split(
-        images, labels, test_size=0.2, random_state=0, stratify=labels
-    )
-    processor = ViTImageProcessor.from_pretrained(SHIPPED)
-    pixels = processor(list(x_train[:count]), return_tensors="np")["pixel_values"]
-    return pixels, y_train[:count]
 
 
 def test_dropout_comes_from_the_config_and_acts_only_in_training() -> None:

@@ -5,16 +5,15 @@ tests/vit_flax/test_training.py)."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from vit_test_support import SHIPPED, training_digits
 
-from vit_core import ViTConfig, ViTImageProcessor, load
+from vit_core import ViTConfig, load
 from vit_torch import ViTForImageClassification
 
-SHIPPED = Path(__file__).resolve().parents[2] / "vit_core" / "assets" / "vit-digits"
 CONFIG = ViTConfig(
     hidden_size=16,
     num_hidden_layers=1,
@@ -38,23 +37,6 @@ def same_weights(config: ViTConfig, source: torch.nn.Module) -> ViTForImageClass
     model = ViTForImageClassification(config)
     model.load_state_dict(source.state_dict())
     return model
-
-
-def training_digits(count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `count` digits of the shipped model's training split (never its held-out
-    ones: the split of scripts/train_digits.py), through the shipped processor."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = np.rint(digits.data.reshape(-1, 8, 8) * (255 / 16)).astype(np.uint8)
-    labels = digits.target.astype(np.int64)
-    x_train, _, y_train, _ = train_test_split(
-        images, labels, test_size=0.2, random_state=0, stratify=labels
-    )
-    processor = ViTImageProcessor.from_pretrained(SHIPPED)
-    pixels = processor(list(x_train[:count]), return_tensors="np")["pixel_values"]
-    return torch.from_numpy(pixels), torch.from_numpy(y_train[:count])
 
 
 def test_dropout_comes_from_the_config_and_acts_only_in_training() -> None:
@@ -90,7 +72,7 @@ def test_dropout_rate_is_the_configured_one(p: float) -> None:
 
 def test_finetuning_on_digits_lowers_the_loss() -> None:
     """A new head on the shipped encoder (load's num_labels=), dropout on, AdamW, 12 steps."""
-    pixels, labels = training_digits(200)
+    pixels, labels = (torch.from_numpy(a) for a in training_digits(200))
     loaded = load(SHIPPED, backend="torch", num_labels=10, seed=0)
     config = dataclasses.replace(
         loaded.config, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1
