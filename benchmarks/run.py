@@ -164,6 +164,78 @@ def child_peak_rss(impl: str, name: str, batch: int, folder: Path) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+# Loading, each in a fresh process (imports included in neither time: both are imported
+# before the clock starts, so the figure is the folder -> ready-model cost).
+LOADERS = {
+    "ours-torch": (
+        "import vit_core, vit_torch",
+        "vit_core.load(folder, backend='torch')",
+    ),
+    "ours-flax": (
+        "import vit_core, vit_flax",
+        "vit_core.load(folder, backend='flax')",
+    ),
+    "hf-torch": (
+        "import transformers",
+        "transformers.ViTForImageClassification.from_pretrained(folder).eval()",
+    ),
+}
+
+
+def child_load(loader: str, folder: Path) -> tuple[float, float]:
+    """(seconds, peak RSS MiB) of a fresh process loading `folder` with `loader`."""
+    imports, call = LOADERS[loader]
+    script = (
+        f"import sys, time; sys.path.insert(0, sys.argv[1]); {imports}; "
+        "from benchmarks.run import peak_rss_mib; folder = sys.argv[2]; "
+        f"start = time.perf_counter(); model = {call}; "
+        "print(time.perf_counter() - start, peak_rss_mib())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT), str(folder)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    seconds, rss = done.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(rss)
+
+
+def import_cost() -> tuple[float, list[str]]:
+    """Seconds to `import vit_core` in a fresh process, and any framework it pulled in."""
+    script = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); start = time.perf_counter(); "
+        "import vit_core; took = time.perf_counter() - start; "
+        "print(took, *sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'jax', 'flax'}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT)], capture_output=True, text=True, check=True
+    )
+    took, *frameworks = done.stdout.split()
+    return float(took), frameworks
+
+
+def loading_report(name: str) -> str:
+    """Load time and peak RSS of a `name` folder, ours against transformers' from_pretrained."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_random_folder(name, Path(tmp))
+        rows = {loader: child_load(loader, Path(tmp)) for loader in LOADERS}
+    hf_seconds = rows["hf-torch"][0]
+    lines = [
+        f"| loading ViT-{name} | seconds | peak RSS MiB | x transformers time |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {loader} | {sec:.2f} | {rss:.0f} | {sec / hf_seconds:.2f} |"
+        for loader, (sec, rss) in rows.items()
+    ]
+    took, frameworks = import_cost()
+    lines.append(
+        f"\n`import vit_core`: {1000 * took:.0f} ms, frameworks imported: {frameworks or 'none'}"
+    )
+    return "\n".join(lines)
+
+
 def write_random_folder(name: str, folder: Path) -> ViTConfig:
     """A canonical folder with random weights (speed does not depend on their values)."""
     import torch
@@ -272,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = matmul_gflops()
     print(f"float32 matmul peak: {peak:.1f} GFLOP/s")
     results = [r for name in args.models for r in measure(name, args.batches, args.rounds)]
-    report = table(results, peak)
+    report = table(results, peak) + "\n\n" + loading_report(args.models[0])
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {
