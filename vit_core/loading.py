@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from vit_core._io import (
     can_write_in_place,
@@ -113,20 +113,47 @@ def read_tensors(weights: Path) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file as numpy arrays (no code is ever executed).
 
     The header is checked first (`read_header`: sizes, offsets, duplicate names), then
-    the dtypes (`DTYPE_POLICY`), then the values (`check_finite`).
+    the dtypes (`DTYPE_POLICY`), then the values (`check_finite`). The arrays are views
+    of a copy-on-write memory map (`map_tensors`): the file is read once, by the page
+    cache, and never copied whole into memory.
     """
     header = read_header(weights)
     check_dtypes(header)
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError, ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(
-            f"{weights}: not a readable safetensors file ({exc}); re-download or re-export it"
-        ) from None
-    if set(tensors) != set(header.tensors):  # the file changed under us
-        raise CheckpointError(f"{weights}: the file changed while it was read; try again")
+    tensors = map_tensors(header)
     check_finite(tensors, str(weights))
     return tensors
+
+
+def map_tensors(header: Header) -> dict[str, np.ndarray]:
+    """The tensors of a checked header as views into a copy-on-write map of its file.
+
+    Nothing is read until a tensor is used and nothing is copied until one is written
+    (a model that trains gets private copies of the pages it changes; the file is never
+    written). The header check guarantees every byte range lies inside the file.
+    """
+    start = 8 + header.header_bytes
+    if header.file_bytes == start:  # every tensor is empty: there is nothing to map
+        return {
+            name: np.zeros(info.shape, _numpy_dtype(info.dtype))
+            for name, info in header.tensors.items()
+        }
+    try:
+        data = np.memmap(header.path, dtype=np.uint8, mode="c", offset=start)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{header.path}: cannot map the file ({exc})") from None
+    tensors = {}
+    for name, info in header.tensors.items():
+        array = data[info.begin : info.end].view(_numpy_dtype(info.dtype)).reshape(info.shape)
+        tensors[name] = array if array.flags.aligned else array.copy()  # frameworks want alignment
+    return tensors
+
+
+def _numpy_dtype(name: str) -> np.dtype[Any]:
+    if name == "BF16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype({"F32": np.float32, "F16": np.float16, "F64": np.float64}[name])
 
 
 def check_dtypes(header: Header) -> None:
