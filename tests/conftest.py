@@ -6,7 +6,11 @@ printed at the end of the run, so the margin under each bound stays on the recor
 
 from __future__ import annotations
 
+import importlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -233,3 +237,19 @@ def torch_one_thread() -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def examples() -> Iterator[dict[str, ModuleType]]:
+    """The example scripts as modules (they import each other by plain name)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        yield {
+            name: importlib.import_module(name)
+            for name in ("digits_data", "finetune_torch", "finetune_flax")
+        }
+    finally:
+        sys.path.remove(str(EXAMPLES))

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from vit_test_support import twin_outputs
 
 from conversion import convert
-from vit_core import CheckpointError, ConfigError, load
+from vit_core import CheckpointError, ConfigError
 from vit_core.layout import WEIGHTS_NAME
 
 
@@ -38,24 +39,6 @@ def transformers_outputs(model: Any, head: str, pixels: np.ndarray) -> dict[str,
         if out.pooler_output is not None:
             result["pooler_output"] = out.pooler_output.numpy()
         return result
-
-
-def twin_outputs(folder: Path, backend: str, pixels: np.ndarray) -> dict[str, np.ndarray]:
-    def run(model: Any) -> Any:
-        if backend == "torch":
-            with torch.inference_mode():
-                return model(torch.from_numpy(pixels))
-        return model(pixels)
-
-    out = {}
-    config = json.loads((folder / "config.json").read_text())
-    if config["architectures"] == ["ViTForImageClassification"]:
-        out["logits"] = run(load(folder, backend, model_type="classification")).logits
-    base = run(load(folder, backend, model_type="base"))
-    out["last_hidden_state"] = base.last_hidden_state
-    if base.pooler_output is not None:
-        out["pooler_output"] = base.pooler_output
-    return out
 
 
 def assert_matches(oracle: Any, expected: dict[str, Any], folder: Path, pixels: Any, name: str):

@@ -19,10 +19,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from vit_test_support import twin_outputs
 
 from conversion import convert
 from conversion.sources import timm as timm_reader
-from vit_core import CheckpointError, ConfigError, load
+from vit_core import CheckpointError, ConfigError
 from vit_core.layout import WEIGHTS_NAME
 
 WIDTH, HEADS = 48, 3
@@ -43,23 +44,6 @@ def timm_outputs(model: Any, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray
         features = model.forward_features(torch.from_numpy(pixels))
         logits = model.forward_head(features) if model.num_classes else None
     return features.numpy(), None if logits is None else logits.numpy()
-
-
-def twin_outputs(folder: Path, backend: str, pixels: np.ndarray) -> dict[str, np.ndarray]:
-    """logits (if the folder has a head) and last_hidden_state from one backend."""
-
-    def run(model: Any) -> Any:
-        if backend == "torch":
-            with torch.inference_mode():
-                return model(torch.from_numpy(pixels))
-        return model(pixels)
-
-    out = {}
-    config = json.loads((folder / "config.json").read_text())
-    if config["architectures"] == ["ViTForImageClassification"]:
-        out["logits"] = run(load(folder, backend, model_type="classification")).logits
-    out["last_hidden_state"] = run(load(folder, backend, model_type="base")).last_hidden_state
-    return out
 
 
 def assert_matches_timm(oracle: Any, model: Any, folder: Path, name: str) -> None:

@@ -19,7 +19,6 @@ at most lr.
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -50,18 +49,6 @@ def _report_worst() -> Iterator[None]:
             f"\ndata-parallel step vs whole batch ({name}): max abs diff {diff:.3g} "
             f"(bound {ATOL}; {unresolved} of {total} weights with |grad| < {G_MIN} held to <= lr)"
         )
-
-
-@pytest.fixture(scope="module")
-def examples() -> Iterator[dict[str, ModuleType]]:
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        yield {
-            name: importlib.import_module(name)
-            for name in ("digits_data", "finetune_torch", "finetune_flax")
-        }
-    finally:
-        sys.path.remove(str(EXAMPLES))
 
 
 def run(command: list[str]) -> str:

@@ -4,10 +4,7 @@ the shipped digits model loaded at 16x16 (position grid resampled at load time).
 
 from __future__ import annotations
 
-import importlib
 import re
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -17,21 +14,8 @@ import torch
 
 from vit_core import ViTConfig, ViTImageProcessor, load
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ATOL = 1e-5  # logits, fine-tuned model in memory vs the saved folder in the other framework
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def examples() -> Iterator[dict[str, ModuleType]]:
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        yield {
-            name: importlib.import_module(name)
-            for name in ("digits_data", "finetune_torch", "finetune_flax")
-        }
-    finally:
-        sys.path.remove(str(EXAMPLES))
 
 
 @pytest.fixture(scope="module")

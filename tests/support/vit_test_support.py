@@ -7,13 +7,16 @@ cannot shadow a real package.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from vit_core import ViTConfig, ViTImageProcessor
+from vit_core import ViTConfig, ViTImageProcessor, load
 from vit_core.layout import WEIGHTS_NAME, ModelKind, expected_shapes
 
 
@@ -89,3 +92,24 @@ def training_digits(count: int) -> tuple[np.ndarray, np.ndarray]:
     processor = ViTImageProcessor.from_pretrained(SHIPPED)
     pixels = processor(list(x_train[:count]), return_tensors="np")["pixel_values"]
     return pixels, y_train[:count]
+
+
+def twin_outputs(folder: Path, backend: str, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """A folder's outputs from one backend: logits (if it has a head), last_hidden_state,
+    and pooler_output (if its encoder has a pooler)."""
+
+    def run(model: Any) -> Any:
+        if backend == "torch":
+            with torch.inference_mode():
+                return model(torch.from_numpy(pixels))
+        return model(pixels)
+
+    out = {}
+    config = json.loads((folder / "config.json").read_text())
+    if config["architectures"] == ["ViTForImageClassification"]:
+        out["logits"] = run(load(folder, backend, model_type="classification")).logits
+    base = run(load(folder, backend, model_type="base"))
+    out["last_hidden_state"] = base.last_hidden_state
+    if base.pooler_output is not None:
+        out["pooler_output"] = base.pooler_output
+    return out
