@@ -113,3 +113,18 @@ def twin_outputs(folder: Path, backend: str, pixels: np.ndarray) -> dict[str, np
     if base.pooler_output is not None:
         out["pooler_output"] = base.pooler_output
     return out
+
+
+# A two-layer model with dropout on, small enough to build in milliseconds: both twins'
+# model tests use it.
+TINY_DROPOUT_CONFIG = ViTConfig(
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    image_size=8,
+    patch_size=4,
+    num_labels=3,
+    hidden_dropout_prob=0.3,
+    attention_probs_dropout_prob=0.3,
+)

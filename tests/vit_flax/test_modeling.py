@@ -8,21 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from vit_test_support import TINY_DROPOUT_CONFIG
 
-from vit_core import InputError, ViTConfig
+from vit_core import InputError
 from vit_flax import FlaxViTForImageClassification, FlaxViTModel
 
-CONFIG = ViTConfig(
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=32,
-    image_size=8,
-    patch_size=4,
-    num_labels=3,
-    hidden_dropout_prob=0.3,
-    attention_probs_dropout_prob=0.3,
-)
+CONFIG = TINY_DROPOUT_CONFIG
 PIXELS = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
 
 

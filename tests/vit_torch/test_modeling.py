@@ -5,21 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from vit_test_support import TINY_DROPOUT_CONFIG
 
-from vit_core import ViTConfig
 from vit_torch import ViTForImageClassification, ViTModel
 
-CONFIG = ViTConfig(
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=32,
-    image_size=8,
-    patch_size=4,
-    num_labels=3,
-    hidden_dropout_prob=0.3,
-    attention_probs_dropout_prob=0.3,
-)
+CONFIG = TINY_DROPOUT_CONFIG
 
 
 def test_dropout_only_in_training_mode() -> None:
