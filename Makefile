@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench format train-digits clean
+.PHONY: run test lint bench readme format train-digits clean
 
 # torch and torchvision go in first, in one pip command: PyPI's torchvision only
 # imports beside the matching torch, and the oracles (timm, transformers) need it.
@@ -29,6 +29,14 @@ test: lint
 # Speed side by side with timm and transformers (minutes; never part of `make test`).
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --out benchmarks/results
+
+# The README's parity and speed tables, from the test suite's recorded differences
+# (docs/parity.json, written here) and the last `make bench` (benchmarks/results/bench.json).
+# The one test that checks the README against those files runs after, in `make test`.
+readme: $(STAMP)
+	$(PY) -m pytest -q --parity-json docs/parity.json \
+		--deselect tests/vit_core/test_docs.py::test_readme_tables_are_the_generated_ones
+	$(PY) scripts/readme_tables.py
 
 format: $(STAMP)
 	$(PY) -m ruff format .

@@ -14,10 +14,12 @@ cannot tell them apart).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -109,6 +111,12 @@ def _ours_torch(name: str, folder: Path) -> Runner:
     return _torch_runner(vit_core.load(folder, backend="torch"))
 
 
+def _ours_int8(name: str, folder: Path) -> Runner:
+    import vit_core
+
+    return _torch_runner(vit_core.load(folder, backend="torch", quantize="int8"))
+
+
 def _ours_flax(name: str, folder: Path) -> Runner:
     import vit_core
 
@@ -142,6 +150,7 @@ def _hf_flax(name: str, folder: Path) -> Runner:
 # (timm builds its own random ones: speed does not depend on the values).
 IMPLEMENTATIONS: dict[str, Callable[[str, Path], Runner]] = {
     "ours-torch": _ours_torch,
+    "ours-int8": _ours_int8,
     "ours-flax": _ours_flax,
     "timm": _timm,
     "hf-torch": _hf_torch,
@@ -215,24 +224,99 @@ def import_cost() -> tuple[float, list[str]]:
     return float(took), frameworks
 
 
-def loading_report(name: str) -> str:
-    """Load time and peak RSS of a `name` folder, ours against transformers' from_pretrained."""
+def measure_loading(name: str) -> dict[str, Any]:
+    """Load time and peak RSS of a `name` folder, ours against transformers' from_pretrained,
+    and the cost of `import vit_core`."""
     with tempfile.TemporaryDirectory() as tmp:
         write_random_folder(name, Path(tmp))
         rows = {loader: child_load(loader, Path(tmp)) for loader in LOADERS}
-    hf_seconds = rows["hf-torch"][0]
+    took, frameworks = import_cost()
+    return {"model": name, "rows": rows, "import_ms": 1000 * took, "frameworks": frameworks}
+
+
+def loading_table(loading: dict[str, Any]) -> str:
+    rows = loading["rows"]
+    hf_seconds, hf_rss = rows["hf-torch"]
     lines = [
-        f"| loading ViT-{name} | seconds | peak RSS MiB | x transformers time |",
-        "|---|---|---|---|",
+        f"| loading ViT-{loading['model']} | seconds | peak RSS MiB | x transformers time "
+        "| x transformers RSS |",
+        "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {loader} | {sec:.2f} | {rss:.0f} | {sec / hf_seconds:.2f} |"
+        f"| {loader} | {sec:.2f} | {rss:.0f} | {sec / hf_seconds:.2f} | {rss / hf_rss:.2f} |"
         for loader, (sec, rss) in rows.items()
     ]
-    took, frameworks = import_cost()
+    frameworks = ", ".join(loading["frameworks"]) or "none"
     lines.append(
-        f"\n`import vit_core`: {1000 * took:.0f} ms, frameworks imported: {frameworks or 'none'}"
+        f"\n`import vit_core`: {loading['import_ms']:.0f} ms, frameworks imported: {frameworks}"
     )
+    return "\n".join(lines)
+
+
+def photos(size: int) -> np.ndarray:
+    """scikit-image's colour photos, whole and centre-cropped, each also mirrored, through a
+    `size` ImageNet processor: 24 real images."""
+    from skimage import data
+
+    from vit_core import ViTImageProcessor
+
+    names = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina")
+    images = []
+    for photo in (getattr(data, n)() for n in names):
+        h, w = photo.shape[:2]
+        crop = photo[h // 6 : h - h // 6, w // 6 : w - w // 6]
+        images += [photo, photo[:, ::-1], crop, crop[:, ::-1]]
+    processor = ViTImageProcessor(
+        size={"height": size, "width": size},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    return processor(images, return_tensors="np")["pixel_values"]
+
+
+def measure_int8_accuracy(name: str) -> dict[str, dict[str, float]]:
+    """int8 vs float32 on the shipped digits model (trained; its held-out split) and on a
+    random-weight `name` over real photos: top-1 agreement and the largest logit change."""
+    import torch
+
+    import vit_core
+    from vit_core.cli import HELDOUT, SHIPPED_MODEL, asset, read_heldout
+
+    def compare(folder: Path, pixels: np.ndarray) -> dict[str, float]:
+        with torch.inference_mode():
+            x = torch.from_numpy(pixels)
+            full = vit_core.load(folder, backend="torch")(x).logits.numpy()
+            int8 = vit_core.load(folder, backend="torch", quantize="int8")(x).logits.numpy()
+        top2 = np.sort(full, axis=1)[:, -2:]
+        return {
+            "images": len(pixels),
+            "top1_agreement": float(np.mean(full.argmax(1) == int8.argmax(1))),
+            "max_logit_diff": float(np.abs(full - int8).max()),
+            "logit_range": float(np.ptp(full)),
+            "median_top1_margin": float(np.median(top2[:, 1] - top2[:, 0])),
+        }
+
+    with asset(SHIPPED_MODEL) as folder, asset(HELDOUT) as heldout:
+        images, _ = read_heldout(heldout)
+        processor = vit_core.ViTImageProcessor.from_pretrained(folder)
+        digits = compare(folder, processor(list(images), return_tensors="np")["pixel_values"])
+    with tempfile.TemporaryDirectory() as tmp:
+        write_random_folder(name, Path(tmp))
+        photo = compare(Path(tmp), photos(224))
+    return {"digits (trained, held-out)": digits, f"{name} (random weights), photos": photo}
+
+
+def int8_table(accuracy: dict[str, dict[str, float]]) -> str:
+    lines = [
+        "| int8 vs float32 | images | top-1 agreement | max logit diff | float32 logit range "
+        "| float32 median top-1 margin |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {what} | {m['images']:.0f} | {100 * m['top1_agreement']:.1f} % | "
+        f"{m['max_logit_diff']:.3g} | {m['logit_range']:.3g} | {m['median_top1_margin']:.3g} |"
+        for what, m in accuracy.items()
+    ]
     return "\n".join(lines)
 
 
@@ -281,7 +365,7 @@ def measure(name: str, batches: list[int], rounds: int) -> list[Result]:
 
 # ---------------------------------------------------------------------- reporting
 def table(results: list[Result], peak: float) -> str:
-    peers = ("timm", "hf-torch", "hf-flax", "ours-torch")
+    peers = ("timm", "hf-torch", "hf-flax", "ours-torch")  # every row's ratio to each
     lines = [
         "| model | batch | impl | img/s | latency ms | peak RSS MiB | % of matmul peak | "
         + " | ".join(f"x {p}" for p in peers)
@@ -328,6 +412,40 @@ def plot(results: list[Result], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def render(payload: dict[str, Any]) -> str:
+    """The report of one `make bench` run (bench.md, and the README's speed section)."""
+    fields = {f.name for f in dataclasses.fields(Result)}
+    results = [Result(**{k: v for k, v in r.items() if k in fields}) for r in payload["results"]]
+    machine = payload["machine"]
+    return "\n\n".join(
+        [
+            f"{machine['cpu']}, {machine['threads']} torch threads, torch {machine['torch']}, "
+            f"jax {machine['jax']}; float32 matmul peak {payload['matmul_gflops']:.1f} GFLOP/s; "
+            f"median of {len(results[0].seconds)} interleaved rounds.",
+            table(results, payload["matmul_gflops"]),
+            loading_table(payload["loading"]),
+            int8_table(payload["int8_accuracy"]),
+        ]
+    )
+
+
+def machine() -> dict[str, Any]:
+    import jax
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(
+        r"^model name\s*:\s*(.+)$", cpuinfo.read_text() if cpuinfo.exists() else "", re.M
+    )
+    cpu = names[0] if names else platform.machine()
+    return {
+        "cpu": f"{os.cpu_count()} x {cpu} ({torch.backends.cpu.get_cpu_capability()})",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "jax": jax.__version__,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -338,19 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
 
-    import torch
-
-    print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, {platform.processor()}")
-    peak = matmul_gflops()
-    print(f"float32 matmul peak: {peak:.1f} GFLOP/s")
+    payload: dict[str, Any] = {"machine": machine(), "matmul_gflops": matmul_gflops()}
+    print(f"{payload['machine']}; float32 matmul peak {payload['matmul_gflops']:.1f} GFLOP/s")
     results = [r for name in args.models for r in measure(name, args.batches, args.rounds)]
-    report = table(results, peak) + "\n\n" + loading_report(args.models[0])
+    payload["results"] = [{**asdict(r), "images_per_second": r.images_per_second} for r in results]
+    payload["loading"] = measure_loading(args.models[0])
+    payload["int8_accuracy"] = measure_int8_accuracy(args.models[0])
+    report = render(payload)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "matmul_gflops": peak,
-        "results": [{**asdict(r), "images_per_second": r.images_per_second} for r in results],
-    }
     (args.out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n")
     (args.out / "bench.md").write_text(report + "\n")
     plot(results, args.out / "bench.png")

@@ -1,12 +1,14 @@
 """Shared test helpers, offered as one fixture, `oracle` (see `_Oracle`).
 
 `oracle.assert_close` records the largest difference seen per comparison; the table is
-printed at the end of the run, so the margin under each bound stays on the record.
+printed at the end of the run, so the margin under each bound stays on the record, and
+`--parity-json FILE` writes it for the README's parity table (`make readme`).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from vit_test_support import MAX_DIFFS, record_max_diff
 
 TOL = 1e-5
-MAX_DIFFS: dict[str, float] = {}
 
 
 # Small transformers configs that together cover the axes (not their product).
@@ -64,11 +66,23 @@ FORWARD = [
 ]
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--parity-json",
+        type=Path,
+        metavar="FILE",
+        help="write the largest max-abs difference per comparison to FILE (JSON)",
+    )
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     if MAX_DIFFS:
         terminalreporter.section(f"largest max-abs diff per comparison (bound {TOL:g})")
         for name, diff in sorted(MAX_DIFFS.items()):
             terminalreporter.write_line(f"{diff:10.3e}  {name}")
+    target = config.getoption("parity_json")
+    if target is not None:
+        target.write_text(json.dumps(dict(sorted(MAX_DIFFS.items())), indent=1) + "\n")
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -106,7 +120,7 @@ class _Oracle:
         a, e = to_numpy(actual), to_numpy(expected)
         assert a.shape == e.shape, f"{name}: shape {a.shape} != expected {e.shape}"
         diff = float(np.max(np.abs(a - e))) if a.size else 0.0
-        MAX_DIFFS[name] = max(diff, MAX_DIFFS.get(name, 0.0))
+        record_max_diff(name, diff)
         assert diff <= atol, f"{name}: max abs diff {diff:.3e} > {atol:g}"
         return diff
 

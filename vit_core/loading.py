@@ -410,6 +410,7 @@ def load(
     num_labels: int | None = None,
     id2label: Mapping[int, str] | None = None,
     seed: int = 0,
+    quantize: str | None = None,
 ) -> Any:
     """A model ready for inference from a canonical folder (or a `.safetensors` + config).
 
@@ -427,9 +428,14 @@ def load(
     `num_labels` (optionally with `id2label`; labels default to LABEL_i) replaces the
     classifier with a new one drawn from `seed` (same seed, same head in both backends);
     without it a checkpoint whose head disagrees with its config is a `LayoutError`.
+
+    `quantize="int8"` (torch backend) runs the encoder's Linear layers as int8 matmuls
+    (dynamic quantization, `vit_torch.quantization`): faster on CPUs, for inference only,
+    at a small accuracy cost (`make bench` reports both).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    _check_quantize(quantize, backend, dtype)
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {MODEL_TYPES}")
     check_interpolation(interpolation)
@@ -454,7 +460,32 @@ def load(
     _check_layout_with_hint(tensors, config, kind, str(weights))
     if image_size is not None:
         tensors, config = resize_for_image_size(tensors, config, kind, image_size, interpolation)
-    return _build(backend, config, kind, to_internal(tensors, kind), dtype)
+    model = _build(backend, config, kind, to_internal(tensors, kind), dtype)
+    if quantize is not None:
+        from vit_torch.quantization import quantize_encoder
+
+        model = quantize_encoder(model)
+    return model
+
+
+QUANTIZATIONS = ("int8",)
+
+
+def _check_quantize(quantize: str | None, backend: str, dtype: Any) -> None:
+    if quantize is None:
+        return
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantize {quantize!r}; choose one of {QUANTIZATIONS}")
+    if backend != "torch":
+        raise ValueError(
+            f"quantize={quantize!r} runs on the torch backend (fbgemm/oneDNN int8 kernels); "
+            f"the {backend} backend computes in float32 or dtype= (e.g. 'bfloat16')"
+        )
+    if dtype is not None:
+        raise ValueError(
+            f"quantize={quantize!r} keeps activations in float32; it cannot be combined "
+            f"with dtype={dtype!r}"
+        )
 
 
 def _check_depth(tensors: Mapping[str, np.ndarray], config: ViTConfig, source: Path) -> None:

@@ -123,11 +123,13 @@ class ViTAttention(nn.Module):
         config = self.config
         batch, tokens, dim = x.shape
         qkv = _dense(3 * dim, config, self.dtype, "qkv", use_bias=config.qkv_bias)(x)
-        q, k, v = jnp.moveaxis(qkv.reshape(batch, tokens, 3, config.num_attention_heads, -1), 2, 0)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * config.head_dim**-0.5
+        qkv = qkv.reshape(batch, tokens, 3, config.num_attention_heads, -1)
+        q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) * config.head_dim**-0.5
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
         probs = nn.Dropout(config.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, tokens, dim)
+        out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+        out = jnp.transpose(out, (0, 2, 1, 3)).reshape(batch, tokens, dim)
         out = _dense(dim, config, self.dtype, "proj")(out)
         return nn.Dropout(config.hidden_dropout_prob)(out, deterministic=deterministic), probs
 

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vit_core.errors import ViTError
+
 
 def assign_internal_weights(
     model: nn.Module, internal: Mapping[str, np.ndarray], dtype: torch.dtype | None = None
@@ -37,6 +39,12 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 def internal_weights(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's weights as float32 numpy arrays under their internal names."""
+    if any(key.endswith("._packed_params.dtype") for key in model.state_dict()):
+        raise ViTError(
+            "this model holds int8-quantized layers (load(..., quantize='int8')), an "
+            "inference-only form that the canonical layout does not store; save the "
+            "float32 model it was made from"
+        )
     # A copy: `.numpy()` alone would share memory with the live parameters.
     return {k: v.detach().cpu().float().numpy().copy() for k, v in model.state_dict().items()}
 

@@ -17,19 +17,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
-from vit_test_support import architectures, write_folder
+from vit_test_support import architectures, record_max_diff, write_folder
 
 from vit_core import ViTConfig, load
 from vit_core.layout import WEIGHTS_NAME, ModelKind
 
 ATOL = 1e-5
-LARGEST_DIFF = [0.0]  # reported at the end of the module, for the record
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_largest_diff() -> object:
-    yield
-    print(f"\ntwin parity: largest max-abs diff seen {LARGEST_DIFF[0]:.3g} (bound {ATOL})")
 
 
 def _outputs(out: object) -> dict[str, np.ndarray]:
@@ -67,10 +60,11 @@ def test_twins_agree_on_every_output(
     for name, value in expected.items():
         assert value.shape == actual[name].shape, name
         diff = float(np.abs(value - actual[name]).max())
-        LARGEST_DIFF[0] = max(LARGEST_DIFF[0], diff)
+        record_max_diff("twins: torch vs flax, every output (hypothesis)", diff)
         assert diff <= ATOL, f"{name}: max abs diff {diff:.3g} > {ATOL} for {config}"
     for name, value in fused_path.items():
         diff = float(np.abs(value - actual[name]).max())
+        record_max_diff("twins: torch (SDPA) vs flax (hypothesis)", diff)
         assert diff <= ATOL, f"{name} (SDPA path): max abs diff {diff:.3g}"
 
 

@@ -19,6 +19,14 @@ from safetensors.numpy import save_file
 from vit_core import ViTConfig, ViTImageProcessor, load
 from vit_core.layout import WEIGHTS_NAME, ModelKind, expected_shapes
 
+# Largest max-abs difference per named comparison over the run (tests/conftest.py prints
+# it and writes it with --parity-json; the README's parity table is made from that file).
+MAX_DIFFS: dict[str, float] = {}
+
+
+def record_max_diff(name: str, diff: float) -> None:
+    MAX_DIFFS[name] = max(diff, MAX_DIFFS.get(name, 0.0))
+
 
 def random_canonical_weights(
     config: ViTConfig, kind: ModelKind, seed: int
