@@ -266,8 +266,8 @@ def plot_explanation(
         for head, head_map in enumerate(head_maps):
             row, column = divmod(head, PANEL_COLUMNS)
             _overlay(grid[1 + row, column], image, head_map, f"last layer, head {head + 1}")
-    if title:
-        figure.suptitle(title, fontsize=10)
+    if title:  # pinned in pixels from the top: a fraction would drift into a taller figure
+        figure.suptitle(title, fontsize=10, y=1 - 4 / height, va="top")
     top_px = TITLE_PX + (SUPTITLE_PX if title else 0)  # room in pixels, whatever the rows
     figure.subplots_adjust(
         left=0.01, right=0.99, bottom=0.01, top=1 - top_px / height, hspace=0.12, wspace=0.04

@@ -22,7 +22,7 @@ attention costs one matmul. `to_internal` and `to_canonical` are the only bridge
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,10 +217,15 @@ def _split_prefix(key: str, kind: ModelKind) -> tuple[str, str]:
     return "", key
 
 
-def to_internal(tensors: Mapping[str, np.ndarray], kind: ModelKind) -> dict[str, np.ndarray]:
+def to_internal(
+    tensors: Mapping[str, np.ndarray],
+    kind: ModelKind,
+    consumed: Callable[[np.ndarray], None] | None = None,
+) -> dict[str, np.ndarray]:
     """Canonical tensors -> the twins' internal names, query/key/value fused (q, k, v rows).
 
-    The result's keys are exactly the torch twin's `state_dict()` keys.
+    The result's keys are exactly the torch twin's `state_dict()` keys. `consumed` is
+    called with each query, key and value tensor once it is copied into its fused one.
     """
     internal: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
@@ -231,6 +236,9 @@ def to_internal(tensors: Mapping[str, np.ndarray], kind: ModelKind) -> dict[str,
         elif name.split(".")[-2] == "query":  # key and value are fetched with it
             parts = [tensors[key.replace(".query.", f".{part}.")] for part in QKV]
             internal[target] = np.concatenate([np.asarray(p) for p in parts], axis=0)
+            if consumed is not None:
+                for part in parts:
+                    consumed(part)
     return internal
 
 

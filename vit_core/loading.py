@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import mmap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -138,14 +139,36 @@ def map_tensors(header: Header) -> dict[str, np.ndarray]:
             for name, info in header.tensors.items()
         }
     try:
-        data = np.memmap(header.path, dtype=np.uint8, mode="c", offset=start)
+        with open(header.path, "rb") as handle:
+            mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{header.path}: cannot map the file ({exc})") from None
+    data = np.frombuffer(mapping, dtype=np.uint8)[start:]
     tensors = {}
     for name, info in header.tensors.items():
         array = data[info.begin : info.end].view(_numpy_dtype(info.dtype)).reshape(info.shape)
         tensors[name] = array if array.flags.aligned else array.copy()  # frameworks want alignment
     return tensors
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the pages that lie wholly inside a mapped tensor from this process's memory.
+
+    For tensors that were copied into another buffer and are never read again (query, key
+    and value, once fused): their pages would otherwise stay resident for as long as the
+    model holds the rest of the map. A tensor that is not mapped is left alone.
+    """
+    owner: Any = array
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    mapping = owner.base.obj if isinstance(owner.base, memoryview) else None
+    if not isinstance(mapping, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    begin = array.__array_interface__["data"][0] - owner.__array_interface__["data"][0]
+    first = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: neighbours stay
+    last = (begin + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def _numpy_dtype(name: str) -> np.dtype[Any]:
@@ -460,7 +483,9 @@ def load(
     _check_layout_with_hint(tensors, config, kind, str(weights))
     if image_size is not None:
         tensors, config = resize_for_image_size(tensors, config, kind, image_size, interpolation)
-    model = _build(backend, config, kind, to_internal(tensors, kind), dtype)
+    # q/k/v pages are given back as each layer is fused: peak memory stays one model's
+    internal = to_internal(tensors, kind, consumed=release_pages)
+    model = _build(backend, config, kind, internal, dtype)
     if quantize is not None:
         from vit_torch.quantization import quantize_encoder
 

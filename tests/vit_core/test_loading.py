@@ -14,6 +14,8 @@ from safetensors.numpy import load_file, save_file
 
 from vit_core import CheckpointError, ConfigError, LayoutError, ViTConfig, load
 from vit_core.layout import WEIGHTS_NAME, ModelKind, expected_shapes
+from vit_core.loading import map_tensors, release_pages
+from vit_core.safetensors_header import read_header
 
 CONFIG = ViTConfig(
     hidden_size=16,
@@ -161,3 +163,26 @@ print("ok")
         [sys.executable, "-c", script], capture_output=True, text=True, check=False
     )
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def _resident_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc")
+def test_release_pages_gives_a_mapped_tensors_memory_back(tmp_path: Path) -> None:
+    """What `load` does to query/key/value once fused: their pages leave the process's
+    resident memory, the mapping still reads the file's values, and other tensors stay."""
+    rng = np.random.default_rng(0)
+    stored = {"big": rng.standard_normal((4096, 4096), np.float32), "small": np.ones(3, np.float32)}
+    save_file(stored, tmp_path / "t.safetensors")
+    tensors = map_tensors(read_header(tmp_path / "t.safetensors"))
+    before = _resident_mib()
+    assert float(tensors["big"].sum()) == pytest.approx(float(stored["big"].sum()), rel=1e-4)
+    touched = _resident_mib()
+    release_pages(tensors["big"])
+    released = _resident_mib()
+    assert touched - before > 56 and touched - released > 56, (before, touched, released)
+    np.testing.assert_array_equal(tensors["big"], stored["big"])  # read again from the file
+    release_pages(stored["small"])  # not mapped: left alone
+    np.testing.assert_array_equal(tensors["small"], stored["small"])
