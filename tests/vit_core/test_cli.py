@@ -97,14 +97,22 @@ def test_predict_resizes_and_ranks_the_true_label_first(
     assert result.stdout.count(" %  ") == 3 * len(digit_pngs)  # --top-k 3 lines per image
 
 
+def test_predict_in_int8_ranks_the_true_label_first(digit_pngs: dict[Path, str]) -> None:
+    result = run_cli("predict", *digit_pngs, "--quantize", "int8", "--top-k", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    tops = re.findall(r"^\s+1\.\s+[\d.]+ %\s+(\S+)$", result.stdout, re.M)
+    assert tops == list(digit_pngs.values()), result.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (("predict", "{png}", "--quantize", "int8", "--backend", "flax"), "runs on the torch"),
         (("predict", "no-such-image.png"), "no-such-image.png: no such image file"),
         (("predict", "Makefile"), "not an image format"),
         (("predict", "{png}", "--model", "no-such-model"), "no-such-model: no such file or folder"),
     ],
-    ids=["missing-image", "not-an-image", "missing-model"],
+    ids=["int8-on-flax", "missing-image", "not-an-image", "missing-model"],
 )
 def test_errors_exit_2_with_one_line_and_no_traceback(
     args: tuple[str, ...], message: str, digit_pngs: dict[Path, str]
