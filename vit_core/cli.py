@@ -28,7 +28,8 @@ import numpy as np
 
 import vit_core
 from vit_core.config import ViTConfig
-from vit_core.errors import ImageError, InputError, ViTError
+from vit_core.errors import ImageError, ViTError
+from vit_core.loading import QUANTIZATIONS
 from vit_core.processing import open_image
 
 BACKENDS = ("torch", "flax")
@@ -287,10 +288,6 @@ def run_predict(args: argparse.Namespace) -> int:
     """
     from vit_core.batching import ResultsWriter, expand_inputs
 
-    if args.quantize and args.backend != "torch":
-        raise InputError(
-            f"--quantize {args.quantize} runs on the torch backend, not {args.backend}"
-        )
     paths = expand_inputs(args.images)  # cheap checks (files exist) before the model
     with contextlib.ExitStack() as stack:
         folder = args.model or stack.enter_context(asset(SHIPPED_MODEL))
@@ -525,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--quantize",
-        choices=["int8"],
+        choices=QUANTIZATIONS,
         help="torch backend: run the encoder's Linear layers as int8 matmuls (about 1.6x "
         "faster on x86 CPUs, at a small accuracy cost; see the README's speed table)",
     )

@@ -38,7 +38,14 @@ from vit_core._io import (
     staged_folder,
 )
 from vit_core.config import CONFIG_NAME, ViTConfig
-from vit_core.errors import CheckpointError, ConfigError, LayoutError, OutputExistsError, WriteError
+from vit_core.errors import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    LayoutError,
+    OutputExistsError,
+    WriteError,
+)
 from vit_core.initialization import truncated_normal
 from vit_core.layout import (
     BASE_PREFIX,
@@ -59,6 +66,7 @@ from vit_core.safetensors_header import Header, read_header
 
 BACKENDS = {"torch": "vit_torch.weights", "flax": "vit_flax.weights"}
 MODEL_TYPES = ("auto", "base", "classification")
+QUANTIZATIONS = ("int8",)  # `load(quantize=...)`, torch backend (vit_torch.quantization)
 # Files a user may hand us that are checkpoints, just not canonical ones.
 _OTHER_FORMATS = ("pytorch_model.bin", "flax_model.msgpack", "model.safetensors.index.json")
 _CONVERT = "convert the original checkpoint with `python -m conversion SRC -o OUT`"
@@ -493,21 +501,19 @@ def load(
     return model
 
 
-QUANTIZATIONS = ("int8",)
-
-
 def _check_quantize(quantize: str | None, backend: str, dtype: Any) -> None:
+    """A package error (so the CLIs print it as one line) for what int8 cannot do."""
     if quantize is None:
         return
     if quantize not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantize {quantize!r}; choose one of {QUANTIZATIONS}")
+        raise InputError(f"unknown quantize {quantize!r}; choose one of {QUANTIZATIONS}")
     if backend != "torch":
-        raise ValueError(
+        raise InputError(
             f"quantize={quantize!r} runs on the torch backend (fbgemm/oneDNN int8 kernels); "
             f"the {backend} backend computes in float32 or dtype= (e.g. 'bfloat16')"
         )
     if dtype is not None:
-        raise ValueError(
+        raise InputError(
             f"quantize={quantize!r} keeps activations in float32; it cannot be combined "
             f"with dtype={dtype!r}"
         )

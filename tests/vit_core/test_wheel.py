@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from vit_test_support import SHIPPED
 
-from vit_core.cli import read_heldout
+from vit_core.cli import HELDOUT, read_heldout
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_FILES = (
@@ -68,7 +68,7 @@ def test_flax_only_install_predicts_and_explains(wheel: Path, tmp_path: Path) ->
     assert torch_spec == "None", "the [flax] extra installed torch"
     assert Path(location).is_relative_to(venv), location
 
-    images, labels = read_heldout(SHIPPED.parent / "digits_heldout.npz")
+    images, labels = read_heldout(SHIPPED.parent / HELDOUT)
     pngs = [f"{index}.png" for index in range(3)]
     for image, png in zip(images, pngs, strict=False):  # held-out 8x8 digits, as PNG files
         Image.fromarray(image).save(tmp_path / png)

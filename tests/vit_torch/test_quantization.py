@@ -13,14 +13,12 @@ from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 from vit_test_support import SHIPPED
 
 import vit_core
-from vit_core.cli import read_heldout
-
-HELDOUT = SHIPPED.parent / "digits_heldout.npz"
+from vit_core.cli import HELDOUT, read_heldout
 
 
 @pytest.fixture(scope="module")
 def heldout() -> tuple[np.ndarray, np.ndarray]:
-    images, labels = read_heldout(HELDOUT)
+    images, labels = read_heldout(SHIPPED.parent / HELDOUT)
     processor = vit_core.ViTImageProcessor.from_pretrained(SHIPPED)
     return processor(list(images), return_tensors="np")["pixel_values"], labels
 
