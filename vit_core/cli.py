@@ -522,9 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--quantize",
-        choices=QUANTIZATIONS,
+        choices=[q for q in QUANTIZATIONS if q != "int8-static"],
         help="torch backend: run the encoder's Linear layers as int8 matmuls (about 1.6x "
-        "faster on x86 CPUs, at a small accuracy cost; see the README's speed table)",
+        "faster on x86 CPUs, at a small accuracy cost; see the README's speed table). "
+        "int8-static, which needs calibration images and a compile, is in the Python API",
     )
     predict.add_argument(
         "--skip-errors",

@@ -66,7 +66,7 @@ from vit_core.safetensors_header import Header, read_header
 
 BACKENDS = {"torch": "vit_torch.weights", "flax": "vit_flax.weights"}
 MODEL_TYPES = ("auto", "base", "classification")
-QUANTIZATIONS = ("int8",)  # `load(quantize=...)`, torch backend (vit_torch.quantization)
+QUANTIZATIONS = ("int8", "int8-static")  # `load(quantize=...)`, torch (vit_torch.quantization)
 # Files a user may hand us that are checkpoints, just not canonical ones.
 _OTHER_FORMATS = ("pytorch_model.bin", "flax_model.msgpack", "model.safetensors.index.json")
 _CONVERT = "convert the original checkpoint with `python -m conversion SRC -o OUT`"
@@ -442,6 +442,7 @@ def load(
     id2label: Mapping[int, str] | None = None,
     seed: int = 0,
     quantize: str | None = None,
+    calibration: Any = None,
 ) -> Any:
     """A model ready for inference from a canonical folder (or a `.safetensors` + config).
 
@@ -462,11 +463,14 @@ def load(
 
     `quantize="int8"` (torch backend) runs the encoder's Linear layers as int8 matmuls
     (dynamic quantization, `vit_torch.quantization`): faster on CPUs, for inference only,
-    at a small accuracy cost (`make bench` reports both).
+    at a small accuracy cost (`make bench` reports both). `quantize="int8-static"` with
+    `calibration=` pixel values (N, C, H, W) of representative images is faster still:
+    activations get fixed scales from those images and inductor compiles the int8 graph
+    (needs torchao and a C++ compiler; each new batch size compiles on its first call).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    _check_quantize(quantize, backend, dtype)
+    _check_quantize(quantize, backend, dtype, calibration)
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {MODEL_TYPES}")
     check_interpolation(interpolation)
@@ -494,15 +498,24 @@ def load(
     # q/k/v pages are given back as each layer is fused: peak memory stays one model's
     internal = to_internal(tensors, kind, consumed=release_pages)
     model = _build(backend, config, kind, internal, dtype)
-    if quantize is not None:
+    if quantize == "int8":
         from vit_torch.quantization import quantize_encoder
 
         model = quantize_encoder(model)
+    elif quantize == "int8-static":
+        from vit_torch.quantization import quantize_static
+
+        model = quantize_static(model, calibration)
     return model
 
 
-def _check_quantize(quantize: str | None, backend: str, dtype: Any) -> None:
+def _check_quantize(quantize: str | None, backend: str, dtype: Any, calibration: Any) -> None:
     """A package error (so the CLIs print it as one line) for what int8 cannot do."""
+    if calibration is not None and quantize != "int8-static":
+        raise InputError(
+            "calibration= sets the activation scales of quantize='int8-static'; "
+            f"with quantize={quantize!r} it would be ignored"
+        )
     if quantize is None:
         return
     if quantize not in QUANTIZATIONS:
