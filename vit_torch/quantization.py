@@ -71,7 +71,7 @@ class StaticInt8ViT(nn.Module):
         self.config = config
         self.kind = kind
         self.graph = graph
-        self._compiled = torch.compile(graph, dynamic=False)
+        self._compiled = torch.compile(graph.forward, dynamic=False)  # not a second submodule
 
     def forward(
         self,

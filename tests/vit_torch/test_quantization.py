@@ -3,6 +3,7 @@ it costs in accuracy on real data, and what it refuses."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +163,22 @@ def test_an_int8_static_model_is_not_saved(tmp_path: Path, static_int8: StaticIn
     with pytest.raises(vit_core.ViTError, match="int8-static.*save the float32 model"):
         static_int8.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_static_without_torchao_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torchao.quantization.pt2e.quantizer", None)
+    with pytest.raises(vit_core.ViTError, match=r"needs torchao: pip install 'vit-twin\[int8\]'"):
+        vit_core.load(SHIPPED, quantize="int8-static", calibration=np.zeros((1, 3, 8, 8)))
+
+
+def test_int8_static_without_a_compiler_says_so_before_compiling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torch._inductor import cpp_builder
+
+    def no_compiler() -> str:
+        raise RuntimeError("no g++ on PATH")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(vit_core.ViTError, match="found no C\\+\\+ compiler .no g\\+\\+ on PATH"):
+        vit_core.load(SHIPPED, quantize="int8-static", calibration=np.zeros((1, 3, 8, 8)))
