@@ -15,6 +15,7 @@ from vit_test_support import SHIPPED, training_digits
 
 import vit_core
 from vit_core.cli import HELDOUT, read_heldout
+from vit_torch import ViTForImageClassification
 from vit_torch.quantization import StaticInt8ViT
 
 CALIBRATION_DIGITS = 360  # training digits, as many as there are held-out ones
@@ -113,6 +114,34 @@ def test_int8_static_agrees_with_float32_on_the_heldout_digits(
     assert agreement >= 0.99
     assert np.mean(int8.argmax(1) == labels) >= np.mean(full.argmax(1) == labels) - 0.01
     assert diff < 0.25 * np.abs(full).max()
+
+
+def test_int8_static_quantizes_the_encoder_and_keeps_pooler_and_head_float(
+    tmp_path: Path,
+) -> None:
+    """Inspected in the converted graph (nothing is compiled before the first call)."""
+    config = vit_core.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=8,
+        patch_size=2,
+        num_labels=5,
+        classifier_uses_pooler=True,
+    )
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(tmp_path)
+    calibration = np.random.default_rng(0).standard_normal((4, 3, 8, 8), dtype=np.float32)
+    model = vit_core.load(tmp_path, quantize="int8-static", calibration=calibration)
+    float_weights, int8_weights = set(), set()
+    for node in model.graph.graph.nodes:
+        if node.target in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
+            module = next(reversed(node.meta["nn_module_stack"].values()))[0]
+            dequantized = "dequantize_per_channel" in str(node.args[1].target)
+            (int8_weights if dequantized else float_weights).add(module.removeprefix("model."))
+    assert float_weights == {"vit.pooler.dense", "classifier"}
+    assert len(int8_weights) == 1 + 4 * config.num_hidden_layers  # patch conv + 4 per layer
 
 
 def test_int8_static_runs_any_batch_size_with_the_same_rows(
