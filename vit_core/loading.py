@@ -530,6 +530,12 @@ def _check_quantize(quantize: str | None, backend: str, dtype: Any, calibration:
             f"quantize={quantize!r} keeps activations in float32; it cannot be combined "
             f"with dtype={dtype!r}"
         )
+    if calibration is None and quantize == "int8-static":
+        raise InputError(
+            "quantize='int8-static' needs calibration=: pixel values (N, C, H, W) of a few "
+            "dozen to a few hundred images like those the model will see, made by its "
+            "image processor (ViTImageProcessor(...)(images)['pixel_values'])"
+        )
 
 
 def _check_depth(tensors: Mapping[str, np.ndarray], config: ViTConfig, source: Path) -> None:

@@ -143,12 +143,6 @@ def quantize_static(model: ViTPreTrainedModel, calibration: Any) -> StaticInt8Vi
 
 
 def _calibration_tensor(calibration: Any, config: ViTConfig) -> torch.Tensor:
-    if calibration is None:
-        raise InputError(
-            "quantize='int8-static' needs calibration=: pixel values (N, C, H, W) of a few "
-            "dozen to a few hundred images like those the model will see, made by its "
-            "image processor (ViTImageProcessor(...)(images)['pixel_values'])"
-        )
     pixels = torch.as_tensor(np.asarray(calibration, dtype=np.float32))
     if pixels.ndim != 4 or len(pixels) == 0:
         raise InputError(

@@ -3,6 +3,7 @@ it costs in accuracy on real data, and what it refuses."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -11,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
-from vit_test_support import SHIPPED, training_digits
+from vit_test_support import SHIPPED, TINY_DROPOUT_CONFIG, training_digits, write_folder
 
 import vit_core
 from vit_core.cli import HELDOUT, read_heldout
-from vit_torch import ViTForImageClassification
+from vit_core.layout import ModelKind
 from vit_torch.quantization import StaticInt8ViT
 
 CALIBRATION_DIGITS = 360  # training digits, as many as there are held-out ones
@@ -120,18 +121,8 @@ def test_int8_static_quantizes_the_encoder_and_keeps_pooler_and_head_float(
     tmp_path: Path,
 ) -> None:
     """Inspected in the converted graph (nothing is compiled before the first call)."""
-    config = vit_core.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=8,
-        patch_size=2,
-        num_labels=5,
-        classifier_uses_pooler=True,
-    )
-    torch.manual_seed(0)
-    ViTForImageClassification(config).save_pretrained(tmp_path)
+    config = dataclasses.replace(TINY_DROPOUT_CONFIG, classifier_uses_pooler=True)
+    write_folder(tmp_path, config, ModelKind(classifier=True, pooler=True), seed=0)
     calibration = np.random.default_rng(0).standard_normal((4, 3, 8, 8), dtype=np.float32)
     model = vit_core.load(tmp_path, quantize="int8-static", calibration=calibration)
     float_weights, int8_weights = set(), set()
