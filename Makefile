@@ -3,16 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Exact versions (constraints.txt); pyproject.toml's extras give only lower bounds.
+PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 
 .PHONY: run test lint bench readme format train-digits clean
 
 # torch and torchvision go in first, in one pip command: PyPI's torchvision only
 # imports beside the matching torch, and the oracles (timm, transformers) need it.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PIP) torch torchvision
+	$(PIP) -e '.[dev]'
 	touch $@
 
 run: $(STAMP)
@@ -23,7 +25,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-test: lint
+test: $(STAMP)
 	$(PY) -m pytest -q
 
 # Speed side by side with timm and transformers (minutes; never part of `make test`).

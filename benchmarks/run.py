@@ -108,31 +108,21 @@ def _torch_runner(model: Any) -> Runner:
     return run
 
 
-def _ours_torch(name: str, folder: Path) -> Runner:
-    import vit_core
+def _ours(backend: str, **options: Any) -> Callable[[str, Path], Runner]:
+    """Our twin through the one road a user takes: `vit_core.load`, then the backend's
+    `run` (numpy in, numpy out, as `predict` calls it)."""
 
-    return _torch_runner(vit_core.load(folder, backend="torch"))
+    def make(name: str, folder: Path) -> Runner:
+        import vit_core
+        from vit_core.backend import get_backend
 
+        calibrated = options.get("quantize") == "int8-static"  # on the real photos
+        extra = {"calibration": photos(224)} if calibrated else {}
+        model = vit_core.load(folder, backend=backend, **options, **extra)
+        run = get_backend(backend).run
+        return lambda x: run(model, x)
 
-def _ours_int8(name: str, folder: Path) -> Runner:
-    import vit_core
-
-    return _torch_runner(vit_core.load(folder, backend="torch", quantize="int8"))
-
-
-def _ours_int8_static(name: str, folder: Path) -> Runner:
-    """Calibrated on the real photos; each batch size compiles in the warm-up call."""
-    import vit_core
-
-    model = vit_core.load(folder, backend="torch", quantize="int8-static", calibration=photos(224))
-    return _torch_runner(model)
-
-
-def _ours_flax(name: str, folder: Path) -> Runner:
-    import vit_core
-
-    model = vit_core.load(folder, backend="flax")
-    return lambda x: model(x).logits.block_until_ready()
+    return make
 
 
 def _timm(name: str, folder: Path) -> Runner:
@@ -160,10 +150,11 @@ def _hf_flax(name: str, folder: Path) -> Runner:
 # Every implementation of a model, all from the same weights where the library allows
 # (timm builds its own random ones: speed does not depend on the values).
 IMPLEMENTATIONS: dict[str, Callable[[str, Path], Runner]] = {
-    "ours-torch": _ours_torch,
-    "ours-int8": _ours_int8,
-    "ours-int8-static": _ours_int8_static,
-    "ours-flax": _ours_flax,
+    "ours-torch": _ours("torch"),
+    "ours-int8": _ours("torch", quantize="int8"),
+    # each batch size compiles in the warm-up call
+    "ours-int8-static": _ours("torch", quantize="int8-static"),
+    "ours-flax": _ours("flax"),
     "timm": _timm,
     "hf-torch": _hf_torch,
     "hf-flax": _hf_flax,

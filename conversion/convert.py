@@ -19,21 +19,23 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from conversion.detect import detect
+from conversion.sources import is_timm_config
 from conversion.sources.base import SourceWeights
 from conversion.write import OutputExistsError, staged, write_files
 from vit_core import __version__
 from vit_core._io import local_path, read_json_object
-from vit_core.config import ViTConfig
+from vit_core.checkpoint import numpy_dtype
+from vit_core.config import ViTConfig, hw_pair
 from vit_core.errors import ConfigError, LayoutError
 from vit_core.layout import WEIGHTS_NAME, ModelKind, check_layout, model_kind
-from vit_core.loading import resize_for_image_size
+from vit_core.progress import progress_bar
 from vit_core.resample import check_interpolation
+from vit_core.surgery import resize_for_image_size
 
 SOURCES = ("auto", "timm", "jax", "hf")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -95,12 +97,11 @@ class ConversionResult:
 
 
 # ------------------------------------------------------------------ hints
-def _pair(value: Any) -> Any:
-    """image_size/patch_size as a comparable (h, w); other values unchanged."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, list | tuple) and len(value) == 2:
-        return tuple(value)
+def _comparable(name: str, value: Any) -> Any:
+    """image_size/patch_size as (h, w), so that 224 and [224, 224] agree; else `value`."""
+    if name in ("image_size", "patch_size"):
+        with contextlib.suppress(ConfigError):
+            return hw_pair(value, name)
     return value
 
 
@@ -128,7 +129,7 @@ def hint_layers(
         layers.append((f"--model-name {model_name}", {k: fields[k] for k in NAME_FIELDS}))
     if config_file is not None:
         data = read_json_object(local_path(config_file))
-        if "architecture" in data and "model_type" not in data:  # a timm hub config.json
+        if is_timm_config(data):
             from conversion.sources.timm import hints_from_timm_config
 
             data = hints_from_timm_config(data)[0]
@@ -157,7 +158,7 @@ def merge_config(
             if (
                 name in fixed
                 and name in source.config
-                and _pair(value) != _pair(source.config[name])
+                and _comparable(name, value) != _comparable(name, source.config[name])
             ):
                 raise ConfigError(
                     f"{origin} gives {name}={value!r}, but the weights say "
@@ -179,13 +180,10 @@ def build_config(fields: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -
 
 
 # ------------------------------------------------------------ later stages
-def parse_image_size(text: str | int | Sequence[int]) -> tuple[int, int]:
+def parse_image_size(text: str | int | list[int] | tuple[int, ...]) -> tuple[int, int]:
     """ "384" or "384x512" (or an int, or a pair) -> (height, width)."""
-    if isinstance(text, int):
-        return text, text
     if not isinstance(text, str):
-        height, width = text
-        return int(height), int(width)
+        return hw_pair(text, "image_size")
     parts = text.lower().split("x")
     try:
         values = [int(p) for p in parts]
@@ -194,14 +192,6 @@ def parse_image_size(text: str | int | Sequence[int]) -> tuple[int, int]:
     if len(values) not in (1, 2) or min(values) <= 0:
         raise ConfigError(f"image size {text!r}: expected H or HxW, e.g. 384 or 384x512")
     return (values[0], values[-1])
-
-
-def numpy_dtype(name: str) -> np.dtype[Any]:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def target_dtype(tensors: Mapping[str, np.ndarray], requested: str | None) -> str:
@@ -218,52 +208,13 @@ def file_digest(files: Sequence[Path], progress: bool | None) -> str:
     """sha256 of the files' bytes, in order (one file: what `sha256sum` prints)."""
     digest = hashlib.sha256()
     total = sum(f.stat().st_size for f in files)
-    with _progress_bar(
-        total=total, unit="B", unit_scale=True, desc="sha256", disable=_quiet(progress)
-    ) as bar:
+    with progress_bar(total, enabled=progress, unit="B", unit_scale=True, desc="sha256") as bar:
         for file in files:
             with open(file, "rb") as handle:
                 while chunk := handle.read(1 << 22):
                     digest.update(chunk)
                     bar.update(len(chunk))
     return digest.hexdigest()
-
-
-def _progress_bar(**kwargs: Any) -> Any:
-    """A tqdm bar; without tqdm installed, one that shows nothing."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress is a nicety, not a dependency
-        return _NoBar()
-    return tqdm(**kwargs)
-
-
-class _NoBar:
-    """Stands in for a tqdm bar when tqdm is not installed."""
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
-
-    def update(self, count: int = 1) -> None:
-        return None
-
-    def set_description(self, text: str) -> None:
-        return None
-
-
-def _quiet(progress: bool | None) -> bool | None:
-    """tqdm's `disable`: None shows bars only on a terminal."""
-    return None if progress is None else not progress
-
-
-def _weight_files(module: ModuleType, path: Path) -> list[Path]:
-    files = getattr(module, "weight_files", None)
-    if files is not None:
-        return list(files(path))
-    return [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
 
 
 def _refuse_self_overwrite(src: Path, out: Path) -> None:
@@ -286,7 +237,7 @@ def convert(
     model_name: str | None = None,
     config_file: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
-    image_size: str | int | Sequence[int] | None = None,
+    image_size: str | int | list[int] | tuple[int, ...] | None = None,
     interpolation: str | None = None,
     dtype: str | None = None,
     gelu: str | None = None,
@@ -325,7 +276,7 @@ def convert(
         check_layout(tensors, config, kind, str(src_path))
         resampled = None
         if size is not None and size != config.image_hw:
-            mode = str(interpolation or getattr(reader, "DEFAULT_INTERPOLATION", "bicubic"))
+            mode = str(interpolation or reader.DEFAULT_INTERPOLATION)
             stage(f"resampling positions ({mode})")
             resampled = f"{config.image_hw[0]}x{config.image_hw[1]} -> {size[0]}x{size[1]} ({mode})"
             tensors, config = resize_for_image_size(tensors, config, kind, size, mode)
@@ -339,7 +290,7 @@ def convert(
         metadata = {
             "format": "pt",
             "source_format": weights.source_format,
-            "source_sha256": file_digest(_weight_files(reader, src_path), progress),
+            "source_sha256": file_digest(reader.weight_files(src_path), progress),
             "converter_version": __version__,
         }
         stage("writing")
@@ -386,7 +337,7 @@ def _check_options(
 @contextlib.contextmanager
 def _stages(progress: bool | None) -> Iterator[Callable[[str], None]]:
     """A progress bar over the pipeline's stages; `stage(name)` moves it on."""
-    with _progress_bar(total=8, desc="converting", disable=_quiet(progress), leave=False) as bar:
+    with progress_bar(8, enabled=progress, desc="converting", leave=False) as bar:
 
         def stage(name: str) -> None:
             bar.set_description(name)

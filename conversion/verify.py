@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from vit_core.backend import BACKENDS
 from vit_core.config import TANH_GELU, ViTConfig
 from vit_core.errors import ViTError
 from vit_core.layout import ModelKind, model_kind
+from vit_core.loading import folder_outputs
 
 PROBE_SEED = 0
 PROBE_BATCH = 2
@@ -93,37 +95,13 @@ def probe(config: ViTConfig) -> np.ndarray:
     return rng.standard_normal(shape).astype(np.float32)
 
 
-# --------------------------------------------------------------------- twins
-def twin_outputs(folder: Path, backend: str, kind: ModelKind, pixels: np.ndarray) -> Outputs:
-    """logits (classification models) and last_hidden_state (+ pooler_output) of a twin."""
-    import vit_core
-
-    def run(model: Any) -> Any:
-        if backend == "torch":
-            import torch
-
-            with torch.inference_mode():
-                return model(torch.from_numpy(pixels))
-        return model(pixels)
-
-    out: Outputs = {}
-    if kind.classifier:
-        model = vit_core.load(folder, backend, dtype="float32", model_type="classification")
-        out["logits"] = _numpy(run(model).logits)
-    base = run(vit_core.load(folder, backend, dtype="float32", model_type="base"))
-    out["last_hidden_state"] = _numpy(base.last_hidden_state)
-    if kind.pooler:
-        out["pooler_output"] = _numpy(base.pooler_output)
-    return out
-
-
+# ------------------------------------------------------------------- sources
 def _numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
     return np.asarray(x, dtype=np.float32)
 
 
-# ------------------------------------------------------------------- sources
 def _torch_state(tensors: Mapping[str, np.ndarray], dtype: str) -> dict[str, Any]:
     """numpy (bfloat16 included) -> float32 torch tensors, rounded through `dtype`."""
     import torch
@@ -273,7 +251,7 @@ def _hf_flax_outputs(base: Any, head: Any, dtype: str, pixels: np.ndarray, kind:
     import jax
     import jax.numpy as jnp
 
-    from conversion.convert import numpy_dtype
+    from vit_core.checkpoint import numpy_dtype
 
     def rounded(params: Any) -> Any:
         cast = numpy_dtype(dtype)
@@ -318,9 +296,9 @@ def verify_folder(
     tolerance = TOLERANCE.get(dtype, DEFAULT_TOLERANCE)
     report = VerifyReport(image_size=config.image_hw)
     twins = {}
-    for backend in ("torch", "flax"):
+    for backend in BACKENDS:
         try:
-            twins[backend] = twin_outputs(folder, backend, kind, pixels)
+            twins[backend] = folder_outputs(folder, backend, pixels)
         except Exception as exc:  # whatever stops a backend is a failed verification
             first = str(exc).splitlines()[0] if str(exc) else ""
             report.failures.append(

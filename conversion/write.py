@@ -11,37 +11,24 @@ the old one deleted (if the swap fails, the old one is put back).
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
 
-from vit_core._io import check_target as _check_target
-from vit_core._io import commit_folder, staged_folder
+from vit_core._io import staged_folder
 from vit_core.errors import OutputExistsError, WriteError
 from vit_core.layout import WEIGHTS_NAME
 
-__all__ = ["OutputExistsError", "check_target", "commit", "staged", "write_files"]
+__all__ = ["OutputExistsError", "staged", "write_files"]
 
 
-def check_target(out: Path, force: bool) -> None:
-    """Refuse an existing OUT (folder, file or link) unless `force`."""
-    _check_target(Path(out), force)
-
-
-def commit(staging: Path, out: Path, force: bool) -> None:
-    """Move the finished `staging` folder to `out` (replacing it only with `force`)."""
-    commit_folder(Path(staging), Path(out), force)
-
-
-@contextlib.contextmanager
-def staged(out: Path, force: bool) -> Iterator[Path]:
+def staged(out: Path, force: bool) -> AbstractContextManager[Path]:
     """A fresh temp folder beside `out` to write into; committed to `out` on success,
-    removed (with any parent folders made for it) on any error."""
-    with staged_folder(Path(os.path.abspath(out)), replace=force) as staging:
-        yield staging
+    removed (with any parent folders made for it) on any error. In the CLI's words
+    (`force`) what `staged_folder` calls `replace`."""
+    return staged_folder(Path(out), replace=force)
 
 
 def write_files(
@@ -53,12 +40,12 @@ def write_files(
 ) -> Path:
     """model.safetensors (+ header metadata), config.json, preprocessor_config.json.
 
-    Non-finite weights are refused first (`vit_core.loading.check_finite`): the folder
+    Non-finite weights are refused first (`vit_core.checkpoint.check_finite`): the folder
     would not load.
     """
     from safetensors.numpy import save_file
 
-    from vit_core.loading import check_finite
+    from vit_core.checkpoint import check_finite
 
     check_finite(tensors, "the converted weights")
     arrays = {k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}

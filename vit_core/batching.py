@@ -1,20 +1,18 @@
-"""Images in, batches out, for `predict` over folders of any size; batches over jax devices.
+"""Images in, batches out, for `predict` over folders of any size.
 
-Three concerns, each kept small:
+Two concerns, each kept small (a backend adds how its framework runs them: a torch
+`DataLoader`, or batches sharded over jax devices; see each twin's `backend.py`):
 
 - **Finding the images**: files, globs and folders (walked recursively, image files told
   by extension) become one sorted list of paths. Only paths are ever listed in full.
 - **Streaming**: images are decoded and preprocessed batch by batch, with at most a few
-  batches in flight, so memory stays bounded whatever the folder's size. The torch
-  backend uses a `torch.utils.data.DataLoader` with worker processes; the flax backend
-  (which must not need torch) uses a small thread pool, in which PIL's decoding and
-  resizing release the GIL. An unreadable image never raises in a worker: it comes back
-  as an error record, so the main process decides (stop with one clear line, or skip).
-- **Sharding** (flax): each batch is padded to a multiple of the device count and laid
-  out over a one-axis `jax.sharding.Mesh` with a `NamedSharding` on the batch axis; the
-  params are replicated. jit then runs one shard per device, as jax intends.
+  batches in flight, so memory stays bounded whatever the folder's size: worker
+  processes of a `DataLoader` (`ImageFiles` is its dataset), or a small thread pool, in
+  which PIL's decoding and resizing release the GIL. An unreadable image never raises in
+  a worker: it comes back as an error record, so the main process decides (stop with one
+  clear line, or skip).
 
-No framework is imported at module level: each is imported by the function that needs it.
+No framework is imported here.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ from vit_core.processing import open_image
 
 GLOB_CHARACTERS = frozenset("*?[")
 PREFETCH_BATCHES = 1  # batches decoded ahead of the one the model is running on
-BATCH_AXIS = "batch"
 
 
 # ------------------------------------------------------------------ decoding
@@ -148,38 +145,10 @@ class ImageFiles:
         return load_item(index, self.paths[index], self.processor)
 
 
-def _one_torch_thread(_worker_id: int) -> None:
-    """Workers decode with PIL; torch threads in them would only fight the model's."""
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def useful_workers(requested: int, num_items: int, batch_size: int) -> int:
     """Workers beyond the number of batches would idle; one batch is decoded in-process."""
     batches = -(-num_items // batch_size)
     return 0 if batches <= 1 else min(requested, batches)
-
-
-def torch_batches(
-    paths: Sequence[Path], processor: Any, batch_size: int, workers: int
-) -> Iterator[Batch]:
-    """Batches from a `DataLoader` whose `workers` processes decode and preprocess.
-
-    Memory is bounded by the DataLoader's prefetching (two batches per worker).
-    """
-    from torch.utils.data import DataLoader
-
-    workers = useful_workers(workers, len(paths), batch_size)
-    loader: DataLoader[Any] = DataLoader(
-        ImageFiles(paths, processor),  # type: ignore[arg-type]
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate,
-        worker_init_fn=_one_torch_thread if workers else None,
-    )
-    yield from loader
 
 
 def chunks(count: int, size: int) -> Iterator[range]:
@@ -212,54 +181,6 @@ def threaded_batches(
                 yield collate([future.result() for future in pending.popleft()])
         while pending:
             yield collate([future.result() for future in pending.popleft()])
-
-
-# ------------------------------------------------------------------ sharding
-def pad_to_multiple(pixels: np.ndarray, multiple: int) -> np.ndarray:
-    """Zero images appended so the batch divides evenly over `multiple` devices.
-
-    Zeros are a valid input; their outputs are sliced off by the caller.
-    """
-    missing = -len(pixels) % multiple
-    if not missing:
-        return pixels
-    return np.concatenate([pixels, np.zeros((missing, *pixels.shape[1:]), pixels.dtype)])
-
-
-class ShardedFlaxModel:
-    """A Flax model run data-parallel: params replicated, each batch split over devices.
-
-    Built on jax's own machinery: a one-axis `Mesh` of all local devices and
-    `NamedSharding`s; jit then places one shard of the batch on each device.
-    """
-
-    def __init__(self, model: Any, devices: Sequence[Any] | None = None) -> None:
-        import jax
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-        self.model = model
-        self.mesh = Mesh(np.array(devices or jax.devices()), (BATCH_AXIS,))
-        self.data_sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXIS))
-        self.params = jax.device_put(model.params, NamedSharding(self.mesh, PartitionSpec()))
-
-    @property
-    def device_count(self) -> int:
-        return int(self.mesh.devices.size)
-
-    def shard(self, pixels: np.ndarray) -> Any:
-        """The padded batch as one jax array laid out over the mesh's batch axis."""
-        import jax
-
-        return jax.device_put(pad_to_multiple(pixels, self.device_count), self.data_sharding)
-
-    def logits(self, pixels: np.ndarray) -> np.ndarray:
-        """float32 logits (n, K) of the n images; the padding rows are dropped."""
-        out = self.model(self.shard(pixels), params=self.params)
-        return np.asarray(out.logits, dtype=np.float32)[: len(pixels)]
-
-    def describe(self) -> str:
-        platform = self.mesh.devices.flat[0].platform
-        return f"{self.device_count} {platform} device{'s' if self.device_count > 1 else ''}"
 
 
 # ------------------------------------------------------------------- results

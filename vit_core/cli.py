@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import importlib.resources
 import json
 import os
@@ -27,12 +26,12 @@ from typing import Any
 import numpy as np
 
 import vit_core
+from vit_core.backend import BACKENDS, get_backend
 from vit_core.config import ViTConfig
 from vit_core.errors import ImageError, ViTError
-from vit_core.loading import QUANTIZATIONS
 from vit_core.processing import open_image
+from vit_core.progress import progress_bar
 
-BACKENDS = ("torch", "flax")
 SHIPPED_MODEL = "vit-digits"
 HELDOUT = "digits_heldout.npz"
 MIN_ACCURACY = 0.95  # the demo's pass mark; the shipped model scores about 98.6 %
@@ -96,25 +95,11 @@ def processor_for(model_path: Path, config: ViTConfig) -> Any:
     return ViTImageProcessor(size={"height": height, "width": width})
 
 
-def logits_of(model: Any, backend: str, pixel_values: np.ndarray) -> np.ndarray:
-    """float32 logits (N, K) from either twin, as numpy."""
-    if backend == "torch":
-        import torch
-
-        with torch.inference_mode():
-            return model(torch.from_numpy(pixel_values)).logits.float().numpy()
-    return np.asarray(model(pixel_values).logits, dtype=np.float32)
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise probabilities, computed in float64 so tiny ones do not underflow to 0."""
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)
-
-
-def parameter_count(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # -------------------------------------------------------------------------- demo
@@ -150,12 +135,13 @@ def run_demo(args: argparse.Namespace) -> int:
         config = models["torch"].config
         # Preprocessed once: both twins see the very same float32 array.
         pixels = processor_for(folder, config)(list(images), return_tensors="np")["pixel_values"]
-    logits = {b: logits_of(m, b, pixels) for b, m in models.items()}
+    logits = {b: get_backend(b).run(m, pixels)["logits"] for b, m in models.items()}
     preds = {b: v.argmax(axis=-1) for b, v in logits.items()}
     n = len(labels)
+    parameters = get_backend("torch").parameter_count(models["torch"])
     print(
         f"ViT digits demo: {n} held-out 8x8 digits, one model.safetensors "
-        f"({parameter_count(models['torch']):,} parameters) read by PyTorch and by Flax"
+        f"({parameters:,} parameters) read by PyTorch and by Flax"
     )
     accuracy = {}
     for backend in BACKENDS:
@@ -193,60 +179,16 @@ def default_workers() -> int:
     return min(2, os.cpu_count() or 1)
 
 
-class _NoBar:
-    """Stands in for a tqdm bar when tqdm is missing or one batch makes a bar pointless."""
-
-    def update(self, _count: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    @staticmethod
-    def write(text: str, file: Any = None) -> None:
-        print(text, file=file or sys.stdout)
-
-
-def progress_bar(total: int, enabled: bool) -> Any:
-    """A tqdm bar on stderr over `total` images, or a silent stand-in (tqdm is optional)."""
-    if enabled:
-        with contextlib.suppress(ImportError):
-            from tqdm import tqdm
-
-            return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
-    return _NoBar()
-
-
-def _batches(args: argparse.Namespace, paths: list[Path], processor: Any) -> Iterator[Any]:
-    """The stream of decoded batches for the backend: torch DataLoader or decode threads."""
-    from vit_core.batching import threaded_batches, torch_batches
-
-    stream = torch_batches if args.backend == "torch" else threaded_batches
-    return stream(paths, processor, args.batch_size, args.workers)
-
-
 def _result_lines(path: Path, predictions: list[tuple[str, float]]) -> list[str]:
     """`path:` then one `  rank. pp.pp %  label` line per prediction (the printed format)."""
     ranked = enumerate(predictions, start=1)
     return [f"{path}:", *(f"  {r}. {100 * p:6.2f} %  {label}" for r, (label, p) in ranked)]
 
 
-def _classifier(args: argparse.Namespace, model: Any) -> tuple[Callable[..., np.ndarray], str]:
-    """The batch -> logits function of the backend, and how it runs (for the summary)."""
-    if args.backend == "flax":
-        from vit_core.batching import ShardedFlaxModel
-
-        sharded = ShardedFlaxModel(model)
-        how = f"{args.workers} decoding thread(s), batches sharded over {sharded.describe()}"
-        return sharded.logits, how
-    how = f"DataLoader with up to {args.workers} worker process(es)"
-    return functools.partial(logits_of, model, "torch"), how
-
-
 def _predict_stream(
     args: argparse.Namespace,
     paths: list[Path],
-    logits: Callable[[np.ndarray], np.ndarray],
+    outputs: Callable[[np.ndarray], dict[str, Any]],
     config: ViTConfig,
     processor: Any,
     writer: Any,
@@ -255,10 +197,13 @@ def _predict_stream(
     """Run every batch, printing or writing each result as it comes: (done, skipped)."""
     from vit_core.batching import top_k
 
-    bar = progress_bar(len(paths), enabled=len(paths) > args.batch_size)
+    bar = progress_bar(
+        len(paths), enabled=len(paths) > args.batch_size, unit="img", dynamic_ncols=True
+    )
     done = skipped = 0
     try:
-        for batch in _batches(args, paths, processor):
+        stream = get_backend(args.backend).batches
+        for batch in stream(paths, processor, args.batch_size, args.workers):
             for _, message in batch.errors:
                 if not args.skip_errors:
                     raise ImageError(message)
@@ -266,7 +211,9 @@ def _predict_stream(
                 skipped += 1
             if batch.pixels is not None:
                 lines = []  # printed once per batch: the bar is redrawn once, not per image
-                for index, row in zip(batch.indices, softmax(logits(batch.pixels)), strict=True):
+                for index, row in zip(
+                    batch.indices, softmax(outputs(batch.pixels)["logits"]), strict=True
+                ):
                     predictions = top_k(row, k, config.id2label)
                     if writer is None:
                         lines += _result_lines(paths[index], predictions)
@@ -295,13 +242,13 @@ def run_predict(args: argparse.Namespace) -> int:
             folder, backend=args.backend, model_type="classification", quantize=args.quantize
         )
         processor = processor_for(Path(folder), model.config)
-    logits, how = _classifier(args, model)
+    outputs, how = get_backend(args.backend).batch_runner(model, args.workers)
     k = min(args.top_k, model.config.num_labels)
     with contextlib.ExitStack() as stack:
         writer = None
         if args.output is not None:
             writer = stack.enter_context(ResultsWriter(args.output, k))
-        done, skipped = _predict_stream(args, paths, logits, model.config, processor, writer, k)
+        done, skipped = _predict_stream(args, paths, outputs, model.config, processor, writer, k)
     if args.output is not None:
         summary = f"wrote {done} predictions to {args.output} (backend {args.backend}, {how})"
         print(summary + (f"; skipped {skipped} unreadable image(s)" if skipped else ""))
@@ -311,24 +258,6 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------- explain
-def attentions_of(
-    model: Any, backend: str, pixel_values: np.ndarray
-) -> tuple[np.ndarray | None, list[np.ndarray]]:
-    """(float32 logits or None for a model without a head, per-layer attentions as numpy)."""
-    if backend == "torch":
-        import torch
-
-        with torch.inference_mode():
-            out = model(torch.from_numpy(pixel_values), output_attentions=True)
-        logits = getattr(out, "logits", None)
-        attentions = [a.float().numpy() for a in out.attentions]
-        return (None if logits is None else logits.float().numpy()), attentions
-    out = model(pixel_values, output_attentions=True)
-    logits = getattr(out, "logits", None)
-    attentions = [np.asarray(a, dtype=np.float32) for a in out.attentions]
-    return (None if logits is None else np.asarray(logits, dtype=np.float32)), attentions
-
-
 def _prediction_title(path: Path, logits: np.ndarray | None, config: ViTConfig) -> str:
     """`photo.png: label (p %)` for a classifier, the file name alone otherwise."""
     if logits is None or not config.num_labels or not config.id2label:
@@ -348,7 +277,10 @@ def run_explain(args: argparse.Namespace) -> int:
         model = vit_core.load(folder, backend=args.backend)
         processor = processor_for(Path(folder), model.config)
     config = model.config
-    logits, attentions = attentions_of(model, args.backend, processor([image])["pixel_values"])
+    out = get_backend(args.backend).run(
+        model, processor([image])["pixel_values"], output_attentions=True
+    )
+    logits, attentions = out.get("logits"), out["attentions"]
     maps = explain(
         attentions,
         config.grid_hw,
@@ -522,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--quantize",
-        choices=[q for q in QUANTIZATIONS if q != "int8-static"],
+        choices=["int8"],
         help="torch backend: run the encoder's Linear layers as int8 matmuls (about 1.6x "
         "faster on x86 CPUs, at a small accuracy cost; see the README's speed table). "
         "int8-static, which needs calibration images and a compile, is in the Python API",

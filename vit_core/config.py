@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any
 
 from vit_core._io import atomic_write_text, local_path, read_json_object
 from vit_core.errors import ConfigError, InputError
+from vit_core.names import name_fields
 
 CONFIG_NAME = "config.json"
 
@@ -43,19 +47,27 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 # attributes but ignores them, so a config that departs from their defaults computes a
 # different function there (see `transformers_compatible`).
 EXTENSION_FIELDS = {"use_class_token": True, "pooling_type": "cls", "classifier_uses_pooler": False}
-
-# Architecture of the standard sizes (ViT paper, Table 1; tiny and small from DeiT/timm).
-SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3},
-    "small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6},
-    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
-    "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16},
-    "huge": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16},
+# A config asking for more classes than this is refused before the label map is built.
+MAX_LABELS = 1_000_000
+# What a field's JSON value must be, in words, where its type alone says it too loosely.
+_EXPECTED = {
+    "num_labels": "an int >= 0",
+    "image_size": "a positive int or [height, width] of positive ints",
+    "patch_size": "a positive int or [height, width] of positive ints",
+    "id2label": 'an object of "index": "name" strings',
+    "label2id": 'an object of "name": index',
+    "architectures": "a list of strings",
 }
-PATCH_SIZES = (8, 14, 16, 32)
+_EXPECTED_BY_TYPE: dict[Any, str] = {
+    bool: "true or false",
+    int: "a positive int",
+    float: "a finite number",
+    str: "a string",
+}
 
 
-def _pair(value: int | list[int] | tuple[int, ...], name: str) -> tuple[int, int]:
+def hw_pair(value: int | list[int] | tuple[int, ...], name: str) -> tuple[int, int]:
+    """(height, width) of a size given as an int or a pair; a `ConfigError` naming `name`."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value, value
     if (
@@ -112,6 +124,7 @@ class ViTConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if isinstance(self.image_size, list):
             self.image_size = tuple(self.image_size)
         if isinstance(self.patch_size, list):
@@ -163,6 +176,7 @@ class ViTConfig:
             "intermediate_size",
             "num_channels",
             "pooler_output_size",
+            "encoder_stride",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -217,11 +231,11 @@ class ViTConfig:
     # ------------------------------------------------------- derived geometry
     @property
     def image_hw(self) -> tuple[int, int]:
-        return _pair(self.image_size, "image_size")
+        return hw_pair(self.image_size, "image_size")
 
     @property
     def patch_hw(self) -> tuple[int, int]:
-        return _pair(self.patch_size, "patch_size")
+        return hw_pair(self.patch_size, "patch_size")
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -321,13 +335,18 @@ class ViTConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> ViTConfig:
+        """The one reader of `config.json` (`vit_core.load` and `from_pretrained` both use
+        it): every problem is a `ConfigError` naming the file and the field."""
         data = read_json_object(Path(path))
         try:
             return cls.from_dict(data)
-        except TypeError as exc:  # a field of the wrong JSON type
-            raise ConfigError(f"{path}: {exc}") from None
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+            raise ConfigError(
+                f"{path}: a field has a value of the wrong kind ({type(exc).__name__}: "
+                f"{exc}); compare it with a config.json written by save_pretrained"
+            ) from None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> ViTConfig:
@@ -348,6 +367,71 @@ class ViTConfig:
         "vit-base-patch16-224", "vit_large_patch32_384.augreg_in21k", "ViT-B_16", "B/16".
         Sizes tiny/small/base/large/huge, patches 8/14/16/32, any resolution the patch divides.
         """
-        from vit_core.names import resolve
+        return cls(**{**name_fields(name), **overrides})
 
-        return resolve(name, **overrides)
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether a JSON (or Python) value is of the annotated type; JSON object keys are
+    strings, so an int key may come as its digits."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (types.UnionType, typing.Union):
+        return any(_accepts(arg, value) for arg in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return _accepts(int, value) or (isinstance(value, float) and math.isfinite(value))
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        return (
+            isinstance(value, list | tuple)
+            and len(value) == len(args)
+            and all(map(_accepts, args, value))
+        )
+    if origin is list:
+        return isinstance(value, list) and all(_accepts(args[0], v) for v in value)
+    if origin is dict:
+        key_hint, value_hint = args
+        return isinstance(value, dict) and all(
+            (_accepts(key_hint, k) or (key_hint is int and str(k).lstrip("-").isdigit()))
+            and _accepts(value_hint, v)
+            for k, v in value.items()
+        )
+    raise TypeError(f"no JSON reading for the annotation {hint!r}")  # a new field's type
+
+
+def check_field_types(config: ViTConfig) -> None:
+    """Refuse field values of the wrong type, driven by the dataclass annotations.
+
+    Runs first on every construction (`from_dict`, `from_pretrained`, `vit_core.load`,
+    `ViTConfig(...)`), so a string where a bool belongs (`"qkv_bias": "false"`, which
+    Python would take as true) or a huge label count fails with the field's name.
+    """
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == "extra" or (value is None and f.default is None):
+            continue
+        hint = _FIELD_TYPES[f.name]
+        sizes = [value] if isinstance(value, int) else value  # sizes are positive ints
+        if not _accepts(hint, value) or (f.name in _SIZE_FIELDS and not all(v > 0 for v in sizes)):
+            expected = _EXPECTED.get(f.name) or _EXPECTED_BY_TYPE[hint]
+            raise ConfigError(f"ViTConfig.{f.name} must be {expected}; got {value!r}")
+    labels = config.num_labels
+    if labels is not None and not 0 <= labels <= MAX_LABELS:
+        expected = _EXPECTED["num_labels"] if labels < 0 else f"at most {MAX_LABELS:,}"
+        raise ConfigError(f"ViTConfig.num_labels must be {expected}; got {labels}")
+
+
+_FIELD_TYPES = typing.get_type_hints(ViTConfig)
+# Fields that count or measure something: ints (or pairs of ints) that must be positive.
+_SIZE_FIELDS = frozenset(
+    name
+    for name, hint in _FIELD_TYPES.items()
+    if name != "num_labels" and hint in (int, int | tuple[int, int])
+)

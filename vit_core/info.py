@@ -11,10 +11,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from vit_core.checkpoint import resolve_files
 from vit_core.config import EXTENSION_FIELDS, ViTConfig
 from vit_core.errors import CheckpointError
 from vit_core.layout import check_layout, model_kind
-from vit_core.loading import resolve_files
 from vit_core.safetensors_header import read_header
 
 

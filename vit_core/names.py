@@ -14,8 +14,17 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from vit_core.config import PATCH_SIZES, SIZES, ViTConfig
 from vit_core.errors import ConfigError
+
+# Architecture of the standard sizes (ViT paper, Table 1; tiny and small from DeiT/timm).
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3},
+    "small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6},
+    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16},
+    "huge": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16},
+}
+PATCH_SIZES = (8, 14, 16, 32)
 
 _LETTERS = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
 _HUB = re.compile(r"^vit-(?P<size>[a-z]+)-patch(?P<patch>\d+)-(?P<res>\d+)(?P<tag>-in21k)?$")
@@ -85,11 +94,6 @@ def name_fields(name: str) -> dict[str, Any]:
         size = _LETTERS[match["letter"]]
         return {**_architecture(size, int(match["patch"]), 224, name), **JAX_NUMERICS}
     raise ConfigError(f"unknown model name {name!r}; {valid_names_hint()}")
-
-
-def resolve(name: str, **overrides: Any) -> ViTConfig:
-    """A `ViTConfig` for `name`; keyword arguments override any field."""
-    return ViTConfig(**{**name_fields(name), **overrides})
 
 
 def valid_names_hint() -> str:

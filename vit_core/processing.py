@@ -3,8 +3,9 @@
 The numbers match transformers' `ViTImageProcessor` (resize with PIL, rescale, normalize,
 no centre crop) so a model fine-tuned behind the HF processor sees the same input here, and
 `preprocessor_config.json` is read and written in HF's format. Only numpy and PIL are needed;
-torch and jax are imported only when `return_tensors` asks for them. Where HF fails on an
-input (grayscale, palette or RGBA images, 2-D arrays) this class converts it to RGB instead.
+a framework is imported (through its backend) only when `return_tensors` asks for it. Where
+HF fails on an input (grayscale, palette or RGBA images, 2-D arrays) this class converts it
+to RGB instead.
 
 What is done with each kind of image (docs/errors.md has the table):
 
@@ -436,8 +437,12 @@ class ViTImageProcessor:
         return f"{type(self).__name__} {self.to_json_string()}"
 
 
+# `return_tensors` names (transformers') -> the backend whose framework makes that tensor.
+TENSOR_BACKENDS = {"pt": "torch", "torch": "torch", "jax": "flax"}
+
+
 def _convert(arrays: list[np.ndarray], return_tensors: Any) -> Any:
-    """Stack into the requested framework's tensor; frameworks are imported only here."""
+    """Stack into the requested framework's tensor; its backend is imported only here."""
     if return_tensors is None:
         return arrays  # HF's default: a list of per-image arrays
     kind = str(getattr(return_tensors, "value", return_tensors)).lower()
@@ -447,14 +452,10 @@ def _convert(arrays: list[np.ndarray], return_tensors: Any) -> Any:
     batch = np.stack(arrays)
     if kind in ("np", "numpy"):
         return batch
-    if kind in ("pt", "torch"):
-        import torch
+    if kind in TENSOR_BACKENDS:
+        from vit_core.backend import get_backend
 
-        return torch.from_numpy(batch)
-    if kind == "jax":
-        import jax.numpy as jnp
-
-        return jnp.asarray(batch)
+        return get_backend(TENSOR_BACKENDS[kind]).as_tensor(batch)
     raise ConfigError(f"return_tensors must be 'np', 'pt', 'jax' or None; got {return_tensors!r}")
 
 

@@ -21,7 +21,7 @@ import optax
 from flax import linen as nn
 
 from vit_core.config import TANH_GELU, ViTConfig
-from vit_core.initialization import truncated_normal
+from vit_core.initialization import TRUNCATED_NORMAL_STD, initial_weights
 from vit_core.layout import ModelKind
 from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from vit_core.resample import grid_resize_matrices, interpolation_mode
@@ -49,10 +49,18 @@ def _quick_gelu(x: Array) -> Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def _truncated_normal(config: ViTConfig) -> nn.initializers.Initializer:
+    """linen's twin of `vit_core.initialization.truncated_normal`: std `initializer_range`.
+
+    jax's `truncated_normal(s)` draws with std 0.88 s (its s is the untruncated normal's).
+    """
+    return nn.initializers.truncated_normal(config.initializer_range / TRUNCATED_NORMAL_STD)
+
+
 def _dense(
     features: int, config: ViTConfig, dtype: Any, name: str, use_bias: bool = True
 ) -> nn.Dense:
-    init = nn.initializers.truncated_normal(config.initializer_range)
+    init = _truncated_normal(config)
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=init, name=name)
 
 
@@ -87,7 +95,7 @@ class ViTEmbeddings(nn.Module):
         self, pixels_nhwc: Array, interpolate_pos_encoding: bool | str, deterministic: bool
     ) -> Array:
         config, dim = self.config, self.config.hidden_size
-        init = nn.initializers.truncated_normal(config.initializer_range)
+        init = _truncated_normal(config)
         patch = config.patch_hw
         x = nn.Conv(
             dim,
@@ -323,23 +331,12 @@ class FlaxViTPreTrainedModel:
     def init_weights(self, seed: int) -> Any:
         """Fresh params: truncated normal(initializer_range) weights, zero biases, unit norms.
 
-        The same distributions as the modules' initializers, drawn in numpy from the
-        params' abstract shapes (see `vit_core.initialization`).
+        Drawn by `vit_core.initialization.initial_weights`: the twin's `init_weights(seed)`
+        gives the same numbers (float32 params, whatever the compute dtype).
         """
-        height, width = self.config.image_hw
-        pixels = jax.ShapeDtypeStruct((1, height, width, self.config.num_channels), jnp.float32)
-        shapes = jax.eval_shape(self.module.init, {"params": jax.random.PRNGKey(0)}, pixels)
-        rng, std = np.random.default_rng(seed), self.config.initializer_range
+        from vit_flax.weights import params_from_internal
 
-        def draw(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> Array:
-            name = path[-1].key
-            if name == "bias":
-                return jnp.zeros(leaf.shape, leaf.dtype)
-            if name == "scale":
-                return jnp.ones(leaf.shape, leaf.dtype)
-            return jnp.asarray(truncated_normal(rng, leaf.shape, std), leaf.dtype)
-
-        return jax.tree_util.tree_map_with_path(draw, shapes["params"])
+        return params_from_internal(initial_weights(self.config, self.kind, seed))
 
     def _run(
         self,
@@ -372,8 +369,14 @@ class FlaxViTPreTrainedModel:
         """Load a canonical folder into this class (strict: every key must match)."""
         from vit_core.loading import load
 
-        model_type = "classification" if cls is FlaxViTForImageClassification else "base"
-        return load(folder, backend="flax", model_type=model_type, **kwargs)
+        classification = issubclass(cls, FlaxViTForImageClassification)
+        model_type = "classification" if classification else "base"
+        model_class = (
+            cls if issubclass(cls, FlaxViTModel | FlaxViTForImageClassification) else FlaxViTModel
+        )
+        return load(
+            folder, backend="flax", model_type=model_type, model_class=model_class, **kwargs
+        )
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write `model.safetensors` + `config.json` in the canonical layout."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit_core.config import TANH_GELU, ViTConfig
-from vit_core.initialization import TRUNCATED_NORMAL_STD
+from vit_core.initialization import initial_weights
 from vit_core.layout import ModelKind
 from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from vit_core.resample import grid_resize_matrices, interpolation_mode
@@ -103,7 +103,8 @@ class ViTAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         dropout = self.attention_dropout if self.training else 0.0
         if output_attentions:  # the fused kernel cannot return the probabilities
-            probs = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+            scores = (q @ k.transpose(-2, -1)) * self.scale
+            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # float32, as the twin
             probs = F.dropout(probs, dropout, self.training)
             out = probs @ v
         else:
@@ -189,21 +190,20 @@ class ViTPreTrainedModel(nn.Module):
         super().__init__()
         self.config = config
 
-    def init_weights(self) -> None:
-        """Truncated normal(initializer_range) weights, zero biases, unit norms (as the twin)."""
-        std = self.config.initializer_range / TRUNCATED_NORMAL_STD
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Conv2d):
-                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, ViTEmbeddings):
-                for table in (module.position_embeddings, module.cls_token):
-                    if table is not None:
-                        nn.init.trunc_normal_(table, std=std, a=-2 * std, b=2 * std)
+    def init_weights(self, seed: int | None = None) -> None:
+        """Truncated normal(initializer_range) weights, zero biases, unit norms (as the twin).
+
+        Drawn by `vit_core.initialization.initial_weights`: the twin's `init_weights(seed)`
+        gives the same numbers. `seed=None` takes the seed from torch's generator, so
+        `torch.manual_seed` decides. A model on the meta device (built to have weights
+        assigned next, as `load` does) draws nothing.
+        """
+        if next(self.parameters()).is_meta:
+            return
+        if seed is None:
+            seed = int(torch.randint(2**62, ()).item())
+        drawn = initial_weights(self.config, self.kind, seed)
+        self.load_state_dict({k: torch.from_numpy(v) for k, v in drawn.items()})
 
     @property
     def kind(self) -> ModelKind:
@@ -214,8 +214,12 @@ class ViTPreTrainedModel(nn.Module):
         """Load a canonical folder into this class (strict: every key must match)."""
         from vit_core.loading import load
 
-        model_type = "classification" if cls is ViTForImageClassification else "base"
-        return load(folder, backend="torch", model_type=model_type, **kwargs)
+        classification = issubclass(cls, ViTForImageClassification)
+        model_type = "classification" if classification else "base"
+        model_class = cls if issubclass(cls, ViTModel | ViTForImageClassification) else ViTModel
+        return load(
+            folder, backend="torch", model_type=model_type, model_class=model_class, **kwargs
+        )
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write `model.safetensors` + `config.json` in the canonical layout."""
@@ -228,13 +232,15 @@ class ViTPreTrainedModel(nn.Module):
 class ViTModel(ViTPreTrainedModel):
     """The encoder: `last_hidden_state` and, with a pooling layer, `pooler_output`."""
 
-    def __init__(self, config: ViTConfig, add_pooling_layer: bool = True) -> None:
+    def __init__(
+        self, config: ViTConfig, add_pooling_layer: bool = True, seed: int | None = None
+    ) -> None:
         super().__init__(config)
         self.embeddings = ViTEmbeddings(config)
         self.encoder = ViTEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pooler = ViTPooler(config) if add_pooling_layer else None
-        self.init_weights()
+        self.init_weights(seed)
 
     @property
     def kind(self) -> ModelKind:
@@ -261,15 +267,18 @@ class ViTModel(ViTPreTrainedModel):
 class ViTForImageClassification(ViTPreTrainedModel):
     """ViT + a linear classifier on the pooled token (or on the pooler, if the config says)."""
 
-    def __init__(self, config: ViTConfig) -> None:
+    def __init__(self, config: ViTConfig, seed: int | None = None) -> None:
         super().__init__(config)
-        self.vit = ViTModel(config, add_pooling_layer=config.classifier_uses_pooler)
+        # Built without drawing: init_weights below draws the encoder's weights with the head's.
+        with torch.device("meta"):
+            vit = ViTModel(config, add_pooling_layer=config.classifier_uses_pooler)
+        self.vit = vit.to_empty(device=torch.get_default_device())
         self.classifier: nn.Module = (
             nn.Linear(config.hidden_size, config.num_labels)
             if config.num_labels > 0
             else nn.Identity()
         )
-        self.init_weights()
+        self.init_weights(seed)
 
     @property
     def kind(self) -> ModelKind:
@@ -307,10 +316,11 @@ def classification_loss(
     """transformers' loss by problem type: MSE, cross-entropy, or binary cross-entropy."""
     integer_labels = not torch.is_floating_point(labels)
     problem = config.resolved_problem_type(integer_labels)
+    logits32 = logits.float()
     if problem == "regression":
         if config.num_labels == 1:
-            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
-        return F.mse_loss(logits, labels.to(logits.dtype))
+            return F.mse_loss(logits32.squeeze(), labels.squeeze().float())
+        return F.mse_loss(logits32, labels.float())
     if problem == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
-    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        return F.cross_entropy(logits32.view(-1, config.num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits32, labels.float())

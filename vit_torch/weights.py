@@ -7,7 +7,6 @@ The internal names are the state-dict keys, so this is only a change of containe
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import torch
@@ -47,19 +46,3 @@ def internal_weights(model: nn.Module) -> dict[str, np.ndarray]:
         )
     # A copy: `.numpy()` alone would share memory with the live parameters.
     return {k: v.detach().cpu().float().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def build_model(
-    config: Any, kind: Any, internal: Mapping[str, np.ndarray], dtype: Any = None
-) -> nn.Module:
-    """The torch twin of `kind` in eval mode, holding `internal` (no random init is run)."""
-    from vit_torch.modeling import ViTForImageClassification, ViTModel
-
-    with torch.device("meta"):
-        if kind.classifier:
-            model: nn.Module = ViTForImageClassification(config)
-        else:
-            model = ViTModel(config, add_pooling_layer=kind.pooler)
-    # float32 unless asked otherwise, whatever the file stores (as transformers and the twin do)
-    torch_dtype = getattr(torch, str(dtype).removeprefix("torch.")) if dtype else torch.float32
-    return assign_internal_weights(model, internal, torch_dtype).eval()

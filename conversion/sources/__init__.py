@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from vit_core.config import SIZES
 from vit_core.errors import CheckpointError, ConfigError
+from vit_core.names import SIZES
+from vit_core.safetensors_header import MAX_HEADER_BYTES
 
 # Detection order is irrelevant (exactly one reader may claim a file); this is the order
 # `--from` lists them in.
@@ -36,7 +37,6 @@ KINDS: dict[str, str] = {
 }
 # Heads by width in the standard ViT sizes (ViT paper Table 1; tiny/small from DeiT).
 HEADS_BY_WIDTH = {fields["hidden_size"]: fields["num_attention_heads"] for fields in SIZES.values()}
-_SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors library enforces
 
 
 def reader(kind: str) -> ModuleType:
@@ -86,7 +86,7 @@ def sniff(path: Path) -> str:
         return "npz" if names and all(name.endswith(".npy") for name in names) else "zip"
     if len(head) >= 9:
         (header_size,) = struct.unpack("<Q", head[:8])
-        if 0 < header_size <= _SAFETENSORS_MAX_HEADER and head[8:9] == b"{":
+        if 0 < header_size <= MAX_HEADER_BYTES and head[8:9] == b"{":
             return "safetensors"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "pickle"
@@ -291,6 +291,12 @@ def heads_for_width(width: int, hints: Mapping[str, Any], why: str) -> tuple[int
         f"num_attention_heads={heads}: {why}; the standard ViT table gives {heads} heads for "
         f"width {width} (pass --set num_attention_heads=N or --model-name if yours differs)"
     )
+
+
+def is_timm_config(data: Mapping[str, Any]) -> bool:
+    """Whether a config.json is timm's (`architecture`, as `save_for_hf` writes), not
+    transformers' (`model_type`)."""
+    return "architecture" in data and "model_type" not in data
 
 
 def read_json(path: Path) -> dict[str, Any]:

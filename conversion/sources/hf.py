@@ -3,9 +3,9 @@
 The canonical layout *is* transformers' PyTorch layout, so `model.safetensors`,
 `pytorch_model.bin` and their sharded forms (`*.index.json` + shards) are read as they
 are. transformers' Flax `flax_model.msgpack` holds the same tree in Flax conventions;
-`FLAX_RULES` turns each leaf back (Dense kernel (in, out) -> weight (out, in), Conv HWIO
--> OIHW, LayerNorm scale -> weight); the `vit/` prefix and `layer/{i}` naming already
-match the PyTorch names once `/` becomes `.`.
+`vit_core.flax_layout` turns each leaf back (Dense kernel (in, out) -> weight (out, in),
+Conv HWIO -> OIHW, LayerNorm scale -> weight), as it does for the Flax twin; the `vit/`
+prefix and `layer/{i}` naming already match the PyTorch names once `/` becomes `.`.
 
 The config is the folder's `config.json` (it must say model_type "vit"); a lone weights
 file without one is described from its shapes, with the head count and numerics stated
@@ -15,8 +15,7 @@ as assumptions. The preprocessor comes from `preprocessor_config.json` when pres
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from conversion.sources import (
     heads_for_width,
+    is_timm_config,
     preview_keys,
     read_json,
     read_state_dict,
@@ -31,13 +31,14 @@ from conversion.sources import (
     state_dict_keys,
 )
 from conversion.sources.base import SourceWeights
-from vit_core.config import CONFIG_NAME, ViTConfig
+from vit_core import flax_layout
+from vit_core.config import CONFIG_NAME, ViTConfig, hw_pair
 from vit_core.errors import CheckpointError
 from vit_core.layout import BASE_PREFIX
+from vit_core.processing import PROCESSOR_NAME, ViTImageProcessor
 
 # transformers' interpolate_pos_encoding: bicubic, align_corners=False, no antialias.
 DEFAULT_INTERPOLATION = "bicubic"
-PROCESSOR_NAME = "preprocessor_config.json"
 # In the order transformers prefers them when a folder holds several.
 WEIGHT_NAMES = (
     "model.safetensors",
@@ -49,44 +50,9 @@ WEIGHT_NAMES = (
 _MARKER = "embeddings.patch_embeddings.projection.weight"
 
 
-# ------------------------------------------------------------ Flax leaf rules
-@dataclass(frozen=True)
-class FlaxRule:
-    """A Flax leaf (name, rank) -> the PyTorch leaf name, and the transform."""
-
-    leaf: str
-    ndim: int | None  # None: any rank
-    target: str
-    transform: str
-
-
-FLAX_RULES: tuple[FlaxRule, ...] = (
-    FlaxRule("kernel", 4, "weight", "conv_hwio_to_oihw"),
-    FlaxRule("kernel", 2, "weight", "dense_in_out_to_out_in"),
-    FlaxRule("scale", 1, "weight", "copy"),
-    FlaxRule("bias", None, "bias", "copy"),
-    FlaxRule("cls_token", 3, "cls_token", "copy"),
-    FlaxRule("position_embeddings", 3, "position_embeddings", "copy"),
-)
-
-
-def _copy(value: np.ndarray) -> np.ndarray:
-    return value
-
-
-def _conv_hwio_to_oihw(value: np.ndarray) -> np.ndarray:
-    return np.transpose(value, (3, 2, 0, 1))
-
-
-def _dense_in_out_to_out_in(value: np.ndarray) -> np.ndarray:
-    return np.transpose(value)
-
-
-TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "copy": _copy,
-    "conv_hwio_to_oihw": _conv_hwio_to_oihw,
-    "dense_in_out_to_out_in": _dense_in_out_to_out_in,
-}
+# transformers' Flax ViT leaves, (name, rank): the kernels and scales that
+# `vit_core.flax_layout` translates, these two, and biases of any rank, as they are.
+FLAX_LEAVES = {*flax_layout.WEIGHT_LEAVES, ("cls_token", 3), ("position_embeddings", 3)}
 
 
 # --------------------------------------------------------------------- detect
@@ -104,7 +70,7 @@ def detect(path: Path) -> bool:
                 data = read_json(config)
             except CheckpointError:
                 return False
-            if "architecture" in data and "model_type" not in data:
+            if is_timm_config(data):
                 return False  # a timm hub folder
         return _folder_weights(path) is not None
     try:
@@ -233,18 +199,14 @@ def _read_msgpack(path: Path) -> dict[str, np.ndarray]:
         tree = tree["params"]
     out: dict[str, np.ndarray] = {}
     for keys, leaf in flatten_dict(tree).items():
-        name = ".".join(map(str, keys))
         value = np.asarray(leaf)
-        rule = next(
-            (r for r in FLAX_RULES if r.leaf == keys[-1] and r.ndim in (None, value.ndim)), None
-        )
-        if rule is None:
+        if keys[-1] != "bias" and (keys[-1], value.ndim) not in FLAX_LEAVES:
             raise CheckpointError(
                 f"{path}: Flax leaf {'/'.join(map(str, keys))} (shape {value.shape}) is not "
                 "part of transformers' Flax ViT"
             )
-        target = name[: len(name) - len(rule.leaf)] + rule.target
-        out[target] = np.ascontiguousarray(TRANSFORMS[rule.transform](value))
+        name, array = flax_layout.to_torch(keys, value)
+        out[name] = np.ascontiguousarray(array)
     return out
 
 
@@ -257,12 +219,9 @@ def _config_from_file(path: Path) -> dict[str, Any]:
 
 
 def _processor(folder: Path, config: Mapping[str, Any], assumed: list[str]) -> dict[str, Any]:
-    from vit_core.processing import ViTImageProcessor
-
     if (folder / PROCESSOR_NAME).is_file():
         return ViTImageProcessor.from_pretrained(folder / PROCESSOR_NAME).to_dict()
-    image = config.get("image_size", 224)
-    height, width = (image, image) if isinstance(image, int) else image
+    height, width = hw_pair(config.get("image_size", 224), "image_size")
     assumed.append(
         f"preprocessing: no {PROCESSOR_NAME}; wrote transformers' ViT defaults (bilinear "
         f"resize to {height}x{width}, rescale 1/255, mean = std = 0.5)"

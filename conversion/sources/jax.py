@@ -19,6 +19,10 @@ ImageNet-21k files keep their `pre_logits` layer (Dense + tanh before the head) 
 canonical pooler with `classifier_uses_pooler=True`. MAP heads, hybrid (ResNet stem)
 models and fixed sin-cos position embeddings are refused by name. Nothing is ever
 unpickled: an archive holding a pickled object is refused before any array is read.
+
+The sizes come from the arrays' headers first; then every key goes through its row of the
+rule tables (`EMBEDDING_RULES`, `BLOCK_RULES`, ...), its shape checked, and any key left
+over is refused rather than dropped.
 """
 
 from __future__ import annotations
@@ -28,14 +32,16 @@ import re
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from conversion.sources.base import SourceWeights
-from vit_core.config import ViTConfig
+from conversion.sources.base import QKV, Architecture, Rule, SourceWeights, copy, position_table
+from vit_core.config import ViTConfig, hw_pair
 from vit_core.errors import CheckpointError, ConfigError
+from vit_core.flax_layout import kernel_to_torch
 from vit_core.layout import ModelKind, check_layout
 
 FORMAT_VIT_JAX = "vit_jax"
@@ -232,121 +238,201 @@ def _opened(path: Path) -> Iterator[_Archive]:
         archive.close()
 
 
+# ----------------------------------------------------------------- transforms
+def flax_kernel(value: np.ndarray, arch: Architecture) -> np.ndarray:
+    """A Flax kernel (convolution HWIO, Dense (in, out)) in PyTorch's orientation."""
+    return kernel_to_torch(value)
+
+
+def heads_kernel(value: np.ndarray, arch: Architecture) -> np.ndarray:
+    """An attention kernel split by heads, (D, heads, head_dim) for query/key/value or
+    (heads, head_dim, D) for the output, as the (D, D) Dense it is, PyTorch-oriented."""
+    return kernel_to_torch(value.reshape(arch.width, arch.width))
+
+
+def heads_bias(value: np.ndarray, arch: Architecture) -> np.ndarray:
+    """A (heads, head_dim) bias as the (D,) bias of one Dense."""
+    return value.reshape(arch.width)
+
+
+# ------------------------------------------------------------------ key rules
+# JAX key (under the archive's prefix) -> canonical key (before the `vit.` prefix), the
+# transform, and the shape the JAX array must have (sizes named as in `_Sizes`).
+# fmt: off
+EMBEDDING_RULES: tuple[Rule, ...] = (
+    Rule("embedding/kernel", "embeddings.patch_embeddings.projection.weight", flax_kernel,
+         ("patch_height", "patch_width", "channels", "width")),
+    Rule("embedding/bias", "embeddings.patch_embeddings.projection.bias", copy, ("width",)),
+    # {posemb}: POSEMB_VIT_JAX (a class-token slot) or POSEMB_BIG_VISION (none)
+    Rule("{posemb}", "embeddings.position_embeddings", position_table,
+         (1, "positions", "width")),
+    Rule("Transformer/encoder_norm/scale", "layernorm.weight", copy, ("width",)),
+    Rule("Transformer/encoder_norm/bias", "layernorm.bias", copy, ("width",)),
+)
+CLASS_TOKEN_RULES: tuple[Rule, ...] = (
+    Rule("cls", "embeddings.cls_token", copy, (1, 1, "width")),
+)
+# Inside one block, `Transformer/encoderblock_{i}/` (scanned: `Transformer/encoderblock/`,
+# every array stacked on a leading layer axis); {mha}, {ln2}, {mlp}: the module numbers
+# of the file's numbering (NUMBERING).
+BLOCK_RULES: tuple[Rule, ...] = (
+    Rule("LayerNorm_0/scale", "encoder.layer.{i}.layernorm_before.weight", copy, ("width",)),
+    Rule("LayerNorm_0/bias", "encoder.layer.{i}.layernorm_before.bias", copy, ("width",)),
+    Rule("MultiHeadDotProductAttention_{mha}/{qkv}/kernel",
+         "encoder.layer.{i}.attention.attention.{qkv}.weight", heads_kernel,
+         ("width", "heads", "head_dim")),
+    Rule("MultiHeadDotProductAttention_{mha}/{qkv}/bias",
+         "encoder.layer.{i}.attention.attention.{qkv}.bias", heads_bias, ("heads", "head_dim")),
+    Rule("MultiHeadDotProductAttention_{mha}/out/kernel",
+         "encoder.layer.{i}.attention.output.dense.weight", heads_kernel,
+         ("heads", "head_dim", "width")),
+    Rule("MultiHeadDotProductAttention_{mha}/out/bias",
+         "encoder.layer.{i}.attention.output.dense.bias", copy, ("width",)),
+    Rule("LayerNorm_{ln2}/scale", "encoder.layer.{i}.layernorm_after.weight", copy, ("width",)),
+    Rule("LayerNorm_{ln2}/bias", "encoder.layer.{i}.layernorm_after.bias", copy, ("width",)),
+    Rule("MlpBlock_{mlp}/Dense_0/kernel", "encoder.layer.{i}.intermediate.dense.weight",
+         flax_kernel, ("width", "mlp")),
+    Rule("MlpBlock_{mlp}/Dense_0/bias", "encoder.layer.{i}.intermediate.dense.bias", copy,
+         ("mlp",)),
+    Rule("MlpBlock_{mlp}/Dense_1/kernel", "encoder.layer.{i}.output.dense.weight",
+         flax_kernel, ("mlp", "width")),
+    Rule("MlpBlock_{mlp}/Dense_1/bias", "encoder.layer.{i}.output.dense.bias", copy, ("width",)),
+)
+# ImageNet-21k files: the representation layer (Dense + tanh) = the canonical pooler.
+POOLER_RULES: tuple[Rule, ...] = (
+    Rule("pre_logits/kernel", "pooler.dense.weight", flax_kernel, ("width", "representation")),
+    Rule("pre_logits/bias", "pooler.dense.bias", copy, ("representation",)),
+)
+HEAD_RULES: tuple[Rule, ...] = (
+    Rule("head/kernel", "classifier.weight", flax_kernel, ("representation", "classes")),
+    Rule("head/bias", "classifier.bias", copy, ("classes",)),
+)
+# fmt: on
+
+
+@dataclass
+class _Sizes(Architecture):
+    """What the archive's shapes say, by the names the rules' shapes use."""
+
+    patch_height: int = 0
+    patch_width: int = 0
+    channels: int = 0
+    positions: int = 0  # rows of the stored position table
+    grid: tuple[int, int] = (0, 0)
+    depth: int = 0
+    heads: int = 0
+    head_dim: int = 0
+    mlp: int = 0
+    pooler: bool = False
+    representation: int = 0  # features into the head: pre_logits' output, else width
+    classes: int = 0
+
+
 # ----------------------------------------------------------------------- reading
-def _hw(image: Any) -> tuple[int, int]:
-    """An image_size hint as (height, width)."""
-    if isinstance(image, int) and not isinstance(image, bool):
-        return image, image
-    if isinstance(image, list | tuple) and len(image) == 2 and all(type(v) is int for v in image):
-        return image[0], image[1]
-    raise ConfigError(f"image_size must be an int or [height, width]; got {image!r}")
-
-
 class _Reader:
     """One pass over an opened archive: canonical tensors (unprefixed), config, notes."""
 
     def __init__(self, archive: _Archive, hints: dict[str, Any]) -> None:
-        self.a = archive
+        self.archive = archive
         self.path = archive.path
         self.hints = hints
         self.assumed: list[str] = []
-        self.t: dict[str, np.ndarray] = {}
-        self.f: dict[str, Any] = {}  # what the weights say: sizes, tokens, heads
+        self.blocks: list[str] = []  # block key prefixes (one, when scanned)
+        self.scanned = False
+        self.stacked: dict[str, np.ndarray] = {}  # scanned arrays, read once for all layers
+        self.sizes = _Sizes(width=0, use_class_token=False, table_has_class_slot=False)
 
     def _key(self, key: str) -> str:
-        return repr(self.a.prefix + key)
+        return repr(self.archive.prefix + key)
 
     def _fail(self, message: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: {message}")
 
     def _checked(self, key: str, shape: tuple[int, ...], what: str) -> np.ndarray:
         """The array at `key` (under the prefix), which must have `shape`."""
-        found = self.a.shape(key)
+        found = self.archive.shape(key)
         if tuple(found) != tuple(shape):
             raise self._fail(
                 f"key {self._key(key)} has shape {tuple(found)}, expected {tuple(shape)} ({what})"
             )
-        return self.a.get(key)
+        return self.archive.get(key)
 
     # ------------------------------------------------------------------ layout
     def _refuse_other_families(self) -> None:
-        a = self.a
-        keys = a.keys()
+        archive = self.archive
+        keys = archive.keys()
         for part, what in _REFUSED.items():
             hits = [k for k in keys if k.startswith(part) or f"/{part}" in k]
             if hits:
                 raise self._fail(
                     f"key {self._key(hits[0])} shows {what}; refused rather than converted wrongly"
                 )
-        if not (a.has(POSEMB_VIT_JAX) or a.has(POSEMB_BIG_VISION)):
+        if not (archive.has(POSEMB_VIT_JAX) or archive.has(POSEMB_BIG_VISION)):
             raise self._fail(
                 f"no learned position embedding ({self._key(POSEMB_VIT_JAX)} or "
                 f"{self._key(POSEMB_BIG_VISION)}): a big_vision model with fixed sin-cos "
                 "position embeddings (posemb='sincos2d') or none; refused, since its "
                 "positions are not stored in the file"
             )
-        if a.has(POSEMB_VIT_JAX) and a.has(POSEMB_BIG_VISION):
+        if archive.has(POSEMB_VIT_JAX) and archive.has(POSEMB_BIG_VISION):
             raise self._fail(
                 f"has both {self._key(POSEMB_VIT_JAX)} and {self._key(POSEMB_BIG_VISION)}; "
                 "which one the model adds is unclear"
             )
 
-    def _blocks(self) -> tuple[list[str], bool]:
+    def _find_blocks(self) -> None:
         """Block key prefixes and whether they are scanned (stacked on a leading axis)."""
-        keys = self.a.keys()
+        keys = self.archive.keys()
+        prefix = self.archive.prefix
         scanned = any(k.startswith("Transformer/encoderblock/") for k in keys)
         indices = sorted({int(m[1]) for k in keys if (m := _BLOCK.match(k))})
         if scanned and indices:
             raise self._fail(
-                f"has both scanned ({self.a.prefix}Transformer/encoderblock/) and per-layer "
-                f"({self.a.prefix}Transformer/encoderblock_{indices[0]}/) blocks"
+                f"has both scanned ({prefix}Transformer/encoderblock/) and per-layer "
+                f"({prefix}Transformer/encoderblock_{indices[0]}/) blocks"
             )
         if scanned:
-            return ["Transformer/encoderblock/"], True
+            self.blocks, self.scanned = ["Transformer/encoderblock/"], True
+            return
         if not indices:
             raise self._fail(
-                f"no encoder blocks (expected keys under {self.a.prefix}Transformer/"
-                f"encoderblock_0/ or {self.a.prefix}Transformer/encoderblock/)"
+                f"no encoder blocks (expected keys under {prefix}Transformer/"
+                f"encoderblock_0/ or {prefix}Transformer/encoderblock/)"
             )
         missing = sorted(set(range(indices[-1] + 1)) - set(indices))
         if missing:
             raise self._fail(
-                f"missing keys under {self.a.prefix}Transformer/encoderblock_{missing[0]}/ "
+                f"missing keys under {prefix}Transformer/encoderblock_{missing[0]}/ "
                 f"(blocks found: {', '.join(map(str, indices))})"
             )
-        return [f"Transformer/encoderblock_{i}/" for i in indices], False
+        self.blocks = [f"Transformer/encoderblock_{i}/" for i in indices]
 
-    def _numbering(self, first: str) -> str:
+    def _numbering(self) -> str:
         """Module numbering of the blocks: vit_jax's shared counter or big_vision's per type."""
+        first = self.blocks[0]
         for fmt in (FORMAT_VIT_JAX, FORMAT_BIG_VISION):
             mha = NUMBERING[fmt][0]
-            if self.a.has(f"{first}MultiHeadDotProductAttention_{mha}/query/kernel"):
+            if self.archive.has(f"{first}MultiHeadDotProductAttention_{mha}/query/kernel"):
                 return fmt
         raise self._fail(
             f"missing key {self._key(first + 'MultiHeadDotProductAttention_1/query/kernel')} "
             "(vit_jax numbering) or ..._0/query/kernel (big_vision numbering)"
         )
 
-    # ------------------------------------------------------------------- parts
-    def _embeddings(self, top_level_posemb: bool) -> None:
-        a, t = self.a, self.t
-        kernel_shape = a.shape(ANCHOR)
+    # ------------------------------------------------------------------- sizes
+    def _sizes(self, numbering: str, posemb: str) -> _Sizes:
+        """Every size, from the arrays' headers alone (no array is read yet)."""
+        archive = self.archive
+        kernel_shape = archive.shape(ANCHOR)
         if len(kernel_shape) != 4:
             raise self._fail(
                 f"key {self._key(ANCHOR)} has shape {kernel_shape}; expected a (patch, patch, "
                 "channels, width) convolution kernel (a Dense patch embedding, as in NaFlex "
                 "models, is not supported)"
             )
-        ph, pw, channels, width = kernel_shape
-        self.f.update(patch=(ph, pw), channels=channels, width=width)
-        t["embeddings.patch_embeddings.projection.weight"] = a.get(ANCHOR).transpose(3, 2, 0, 1)
-        t["embeddings.patch_embeddings.projection.bias"] = self._checked(
-            "embedding/bias", (width,), "width"
-        )
-        use_cls = self.f["use_cls"] = a.has("cls")
-        if use_cls:
-            t["embeddings.cls_token"] = self._checked("cls", (1, 1, width), "class token")
-        else:
+        patch_height, patch_width, channels, width = kernel_shape
+        use_cls = archive.has("cls")
+        if not use_cls:
             self.assumed.append(
                 "no class token: the model averages the patch tokens after the final "
                 "LayerNorm (pool_type/classifier 'gap'; pool types '0' and 'none' would look "
@@ -354,35 +440,44 @@ class _Reader:
             )
         # vit_jax adds positions after prepending the class token (a slot for it);
         # big_vision before (none: the class token's slot is zero, exactly).
-        pos_key = POSEMB_BIG_VISION if top_level_posemb else POSEMB_VIT_JAX
-        pos_shape = a.shape(pos_key)
+        pos_shape = archive.shape(posemb)
         if len(pos_shape) != 3 or pos_shape[0] != 1 or pos_shape[2] != width:
             raise self._fail(
-                f"key {self._key(pos_key)} has shape {pos_shape}; expected (1, tokens, {width})"
+                f"key {self._key(posemb)} has shape {pos_shape}; expected (1, tokens, {width})"
             )
-        has_slot = use_cls and not top_level_posemb
-        self.f["grid"] = self._grid(pos_shape[1] - int(has_slot), pos_key)
-        pos = a.get(pos_key)
-        if use_cls and not has_slot:
-            pos = np.concatenate([np.zeros((1, 1, width), np.float32), pos], axis=1)
-        t["embeddings.position_embeddings"] = pos
+        has_slot = use_cls and posemb == POSEMB_VIT_JAX
+        sizes = _Sizes(
+            width=width,
+            use_class_token=use_cls,
+            table_has_class_slot=has_slot,
+            patch_height=patch_height,
+            patch_width=patch_width,
+            channels=channels,
+            positions=pos_shape[1],
+            representation=width,
+        )
+        sizes.grid = self._grid(pos_shape[1] - int(has_slot), posemb, sizes)
+        self._block_sizes(numbering, sizes)
+        self._head_sizes(sizes)
+        return sizes
 
-    def _grid(self, patches: int, key: str) -> tuple[int, int]:
+    def _grid(self, patches: int, key: str, sizes: _Sizes) -> tuple[int, int]:
         """Patch grid (rows, cols) of `patches` positions: from hints' image_size, else square."""
-        patch = self.f["patch"]
+        patch = (sizes.patch_height, sizes.patch_width)
         side = math.isqrt(patches)
         square = side * side == patches
         image = self.hints.get("image_size")
         if image is not None:
-            h, w = _hw(image)
+            h, w = hw_pair(image, "image_size")
             if h % patch[0] == 0 and w % patch[1] == 0:
                 grid = (h // patch[0], w // patch[1])
                 if grid[0] * grid[1] == patches:
                     return grid
             if square:
                 self.assumed.append(
-                    f"image_size {image} given, but {self.a.prefix + key} holds {patches} patch "
-                    f"positions: used the square {side}x{side} grid the weights were trained at"
+                    f"image_size {image} given, but {self.archive.prefix + key} holds {patches} "
+                    f"patch positions: used the square {side}x{side} grid the weights were "
+                    "trained at"
                 )
                 return side, side
         if not square:
@@ -397,17 +492,17 @@ class _Reader:
             )
         return side, side
 
-    def _sizes(self, blocks: list[str], scanned: bool, numbering: str) -> None:
+    def _block_sizes(self, numbering: str, sizes: _Sizes) -> None:
         """Depth, heads and MLP width, from the first block's attention and MLP kernels."""
-        width = self.f["width"]
+        width = sizes.width
         mha_i, _, mlp_i = NUMBERING[numbering]
-        lead = 1 if scanned else 0
-        q_key = f"{blocks[0]}MultiHeadDotProductAttention_{mha_i}/query/kernel"
-        q_shape = self.a.shape(q_key)
+        lead = 1 if self.scanned else 0
+        q_key = f"{self.blocks[0]}MultiHeadDotProductAttention_{mha_i}/query/kernel"
+        q_shape = self.archive.shape(q_key)
         if len(q_shape) != 3 + lead or q_shape[lead] != width:
             raise self._fail(
                 f"key {self._key(q_key)} has shape {q_shape}; expected "
-                f"{'(layers, ' if scanned else '('}{width}, heads, head_dim)"
+                f"{'(layers, ' if self.scanned else '('}{width}, heads, head_dim)"
             )
         heads, head_dim = q_shape[-2:]
         if heads * head_dim != width:
@@ -415,126 +510,111 @@ class _Reader:
                 f"key {self._key(q_key)} has {heads} heads x {head_dim} = {heads * head_dim} "
                 f"features; the canonical layout needs heads x head_dim = width ({width})"
             )
-        m_key = f"{blocks[0]}MlpBlock_{mlp_i}/Dense_0/kernel"
-        m_shape = self.a.shape(m_key)
+        m_key = f"{self.blocks[0]}MlpBlock_{mlp_i}/Dense_0/kernel"
+        m_shape = self.archive.shape(m_key)
         if len(m_shape) != 2 + lead:
             raise self._fail(f"key {self._key(m_key)} has shape {m_shape}; expected (width, mlp)")
-        self.f.update(
-            depth=q_shape[0] if scanned else len(blocks),
-            heads=heads,
-            intermediate=m_shape[-1],
-        )
+        sizes.depth = q_shape[0] if self.scanned else len(self.blocks)
+        sizes.heads, sizes.head_dim, sizes.mlp = heads, head_dim, m_shape[-1]
 
-    def _encoder(self, blocks: list[str], scanned: bool, numbering: str) -> None:
-        t, f = self.t, self.f
-        width, depth, heads, mlp_dim = f["width"], f["depth"], f["heads"], f["intermediate"]
-        head_dim = width // heads
-        mha_i, ln2_i, mlp_i = NUMBERING[numbering]
-        stacked: dict[str, np.ndarray] = {}  # scanned arrays, read once for all layers
+    def _dense_columns(self, key: str, rows: int, columns: str) -> int:
+        """The output size of the Dense kernel at `key`, whose input size must be `rows`."""
+        found = self.archive.shape(key)
+        if len(found) != 2 or found[0] != rows:
+            raise self._fail(
+                f"key {self._key(key)} has shape {found}; expected ({rows}, {columns})"
+            )
+        return found[1]
 
-        def take(i: int, key: str, shape: tuple[int, ...], what: str) -> np.ndarray:
-            if not scanned:
-                return self._checked(blocks[i] + key, shape, what)
-            if key not in stacked:
-                stacked[key] = self._checked(blocks[0] + key, (depth, *shape), what)
-            return stacked[key][i]
-
-        mha, mlp = f"MultiHeadDotProductAttention_{mha_i}/", f"MlpBlock_{mlp_i}/"
-        for i in range(depth):
-            c = f"encoder.layer.{i}."
-            for ln, name in ((0, "layernorm_before"), (ln2_i, "layernorm_after")):
-                t[c + name + ".weight"] = take(i, f"LayerNorm_{ln}/scale", (width,), "width")
-                t[c + name + ".bias"] = take(i, f"LayerNorm_{ln}/bias", (width,), "width")
-            for part in ("query", "key", "value"):
-                kernel = take(i, f"{mha}{part}/kernel", (width, heads, head_dim), "(D, H, hd)")
-                t[c + f"attention.attention.{part}.weight"] = kernel.reshape(width, width).T
-                bias = take(i, f"{mha}{part}/bias", (heads, head_dim), "(heads, head_dim)")
-                t[c + f"attention.attention.{part}.bias"] = bias.reshape(width)
-            out = take(i, f"{mha}out/kernel", (heads, head_dim, width), "(H, hd, D)")
-            t[c + "attention.output.dense.weight"] = out.reshape(width, width).T
-            t[c + "attention.output.dense.bias"] = take(i, f"{mha}out/bias", (width,), "width")
-            fc1 = take(i, f"{mlp}Dense_0/kernel", (width, mlp_dim), "(width, mlp)")
-            t[c + "intermediate.dense.weight"] = fc1.T
-            t[c + "intermediate.dense.bias"] = take(i, f"{mlp}Dense_0/bias", (mlp_dim,), "mlp")
-            fc2 = take(i, f"{mlp}Dense_1/kernel", (mlp_dim, width), "(mlp, width)")
-            t[c + "output.dense.weight"] = fc2.T
-            t[c + "output.dense.bias"] = take(i, f"{mlp}Dense_1/bias", (width,), "width")
-        for name, key in (("weight", "scale"), ("bias", "bias")):
-            norm = f"Transformer/encoder_norm/{key}"
-            t[f"layernorm.{name}"] = self._checked(norm, (width,), "width")
-
-    def _heads(self) -> None:
-        """pre_logits (Dense + tanh) -> the pooler; head -> the classifier (if any classes)."""
-        a, t, width = self.a, self.t, self.f["width"]
-        pooler = a.has("pre_logits/kernel") or a.has("pre_logits/bias")
-        rep = width
-        if pooler:
-            p_shape = a.shape("pre_logits/kernel")
-            if len(p_shape) != 2 or p_shape[0] != width:
+    def _head_sizes(self, sizes: _Sizes) -> None:
+        """pre_logits (Dense + tanh, the pooler) and head (the classifier, if any classes)."""
+        archive = self.archive
+        sizes.pooler = archive.has("pre_logits/kernel") or archive.has("pre_logits/bias")
+        if sizes.pooler:
+            key, width = "pre_logits/kernel", sizes.width
+            sizes.representation = self._dense_columns(key, width, "representation_size")
+        if archive.has("head/kernel") or archive.has("head/bias"):
+            sizes.classes = self._dense_columns("head/kernel", sizes.representation, "num_classes")
+            if sizes.classes and sizes.pooler and sizes.representation != sizes.width:
                 raise self._fail(
-                    f"key {self._key('pre_logits/kernel')} has shape {p_shape}; expected "
-                    f"({width}, representation_size)"
+                    f"pre_logits maps width {sizes.width} to {sizes.representation} features "
+                    "before the head; the canonical classifier reads width-sized features, so "
+                    "only representation_size == hidden_size is supported"
                 )
-            rep = p_shape[1]
-            t["pooler.dense.weight"] = a.get("pre_logits/kernel").T
-            t["pooler.dense.bias"] = self._checked("pre_logits/bias", (rep,), "pre_logits size")
-        num_labels = 0
-        if a.has("head/kernel") or a.has("head/bias"):
-            h_shape = a.shape("head/kernel")
-            if len(h_shape) != 2 or h_shape[0] != rep:
-                raise self._fail(
-                    f"key {self._key('head/kernel')} has shape {h_shape}; expected "
-                    f"({rep}, num_classes)"
-                )
-            num_labels = h_shape[1]
-            kernel = a.get("head/kernel")
-            bias = self._checked("head/bias", (num_labels,), "classes")
-            if num_labels and pooler and rep != width:
-                raise self._fail(
-                    f"pre_logits maps width {width} to {rep} features before the head; the "
-                    "canonical classifier reads width-sized features, so only "
-                    "representation_size == hidden_size is supported"
-                )
-            if num_labels:
-                t["classifier.weight"] = kernel.T
-                t["classifier.bias"] = bias
-            else:
-                self.assumed.append("zero-sized head: converted as a base model (no classifier)")
-        self.f.update(pooler=pooler, rep=rep, num_labels=num_labels)
+
+    # ------------------------------------------------------------------- rules
+    def _apply(
+        self, rules: tuple[Rule, ...], layer: int | None = None, **parts: Any
+    ) -> dict[str, np.ndarray]:
+        """The canonical tensors of `rules`, each JAX array checked against the rule's shape.
+        `layer`: the block the rules' keys are inside; `parts` fill the keys' braces."""
+        sizes, out = self.sizes, {}
+        for rule in rules:
+            dims = rule.shape or ()
+            shape = tuple(getattr(sizes, d) if isinstance(d, str) else d for d in dims)
+            what = ", ".join(map(str, dims))
+            for qkv in QKV if "{qkv}" in rule.source else ("",):
+                names = {**parts, "qkv": qkv, "i": layer}
+                value = self._array(rule.source.format(**names), shape, layer, what)
+                out.update(rule.apply(value, sizes, **names))
+        return out
+
+    def _array(self, key: str, shape: tuple[int, ...], layer: int | None, what: str) -> np.ndarray:
+        """The array at `key`, inside block `layer` if one is given."""
+        if layer is None:
+            return self._checked(key, shape, what)
+        if not self.scanned:
+            return self._checked(self.blocks[layer] + key, shape, what)
+        if key not in self.stacked:
+            stacked_shape = (self.sizes.depth, *shape)
+            self.stacked[key] = self._checked(self.blocks[0] + key, stacked_shape, what)
+        return self.stacked[key][layer]
 
     # -------------------------------------------------------------------- all
     def read(self) -> SourceWeights:
-        a = self.a
+        archive = self.archive
         self._refuse_other_families()
-        blocks, scanned = self._blocks()
-        numbering = self._numbering(blocks[0])
-        top_level_posemb = a.has(POSEMB_BIG_VISION)
-        self._embeddings(top_level_posemb)
-        self._sizes(blocks, scanned, numbering)
-        self._encoder(blocks, scanned, numbering)
-        self._heads()
-        leftover = sorted(set(a.keys()) - a.used)
+        self._find_blocks()
+        numbering = self._numbering()
+        big_vision_posemb = archive.has(POSEMB_BIG_VISION)
+        posemb = POSEMB_BIG_VISION if big_vision_posemb else POSEMB_VIT_JAX
+        sizes = self.sizes = self._sizes(numbering, posemb)
+        mha, ln2, mlp = NUMBERING[numbering]
+        tensors = self._apply(EMBEDDING_RULES, posemb=posemb)
+        if sizes.use_class_token:
+            tensors.update(self._apply(CLASS_TOKEN_RULES))
+        for i in range(sizes.depth):
+            tensors.update(self._apply(BLOCK_RULES, layer=i, mha=mha, ln2=ln2, mlp=mlp))
+        if sizes.pooler:
+            tensors.update(self._apply(POOLER_RULES))
+        if archive.has("head/kernel") or archive.has("head/bias"):
+            head = self._apply(HEAD_RULES)  # read and checked even when it has no classes
+            if sizes.classes:
+                tensors.update(head)
+            else:
+                self.assumed.append("zero-sized head: converted as a base model (no classifier)")
+        leftover = sorted(set(archive.keys()) - archive.used)
         if leftover:
             raise self._fail(
                 f"keys this reader does not know ({len(leftover)}): "
-                + ", ".join(a.prefix + k for k in leftover[:10])
+                + ", ".join(archive.prefix + k for k in leftover[:10])
                 + ("" if len(leftover) <= 10 else ", ...")
                 + "; refused rather than dropped"
             )
         big_vision = (
-            a.prefix.startswith("params/")
-            or top_level_posemb
-            or scanned
+            archive.prefix.startswith("params/")
+            or big_vision_posemb
+            or self.scanned
             or numbering == FORMAT_BIG_VISION
         )
-        classifier = self.f["num_labels"] > 0
+        classifier = sizes.classes > 0
         prefix = "vit." if classifier else ""
         tensors = {  # contiguous: a transposed view must not reach a raw-buffer writer
             (k if k.startswith("classifier.") else prefix + k): np.ascontiguousarray(v)
-            for k, v in self.t.items()
+            for k, v in tensors.items()
         }
         config = self._config()
-        kind = ModelKind(classifier=classifier, pooler=self.f["pooler"])
+        kind = ModelKind(classifier=classifier, pooler=sizes.pooler)
         try:
             check_layout(tensors, ViTConfig(**config), kind, str(self.path))
         except ConfigError as exc:
@@ -553,8 +633,8 @@ class _Reader:
         )
 
     def _config(self) -> dict[str, Any]:
-        f, hints = self.f, self.hints
-        (ph, pw), (gh, gw) = f["patch"], f["grid"]
+        sizes, hints = self.sizes, self.hints
+        (ph, pw), (gh, gw) = (sizes.patch_height, sizes.patch_width), sizes.grid
         act = hints.get("hidden_act")
         if act is None:
             act = DEFAULT_ACT
@@ -569,33 +649,34 @@ class _Reader:
             self.assumed.append("layer_norm_eps=1e-6 (flax nn.LayerNorm's default)")
         square = gh * ph == gw * pw and ph == pw
         config: dict[str, Any] = {
-            "hidden_size": f["width"],
-            "num_hidden_layers": f["depth"],
-            "num_attention_heads": f["heads"],
-            "intermediate_size": f["intermediate"],
+            "hidden_size": sizes.width,
+            "num_hidden_layers": sizes.depth,
+            "num_attention_heads": sizes.heads,
+            "intermediate_size": sizes.mlp,
             "hidden_act": act,
             "layer_norm_eps": eps,
             "image_size": gh * ph if square else [gh * ph, gw * pw],
             "patch_size": ph if ph == pw else [ph, pw],
-            "num_channels": f["channels"],
+            "num_channels": sizes.channels,
             "qkv_bias": True,
-            "use_class_token": f["use_cls"],
-            "pooling_type": "cls" if f["use_cls"] else "mean",
-            "classifier_uses_pooler": f["pooler"] and f["num_labels"] > 0,
-            "num_labels": f["num_labels"],
+            "use_class_token": sizes.use_class_token,
+            "pooling_type": "cls" if sizes.use_class_token else "mean",
+            "classifier_uses_pooler": sizes.pooler and sizes.classes > 0,
+            "num_labels": sizes.classes,
         }
         if ph == pw:
             config["encoder_stride"] = ph
-        if f["pooler"]:
-            config["pooler_output_size"] = f["rep"]
+        if sizes.pooler:
+            config["pooler_output_size"] = sizes.representation
             config["pooler_act"] = "tanh"
         return config
 
     def _processor(self) -> dict[str, Any]:
-        (ph, pw), (gh, gw), channels = self.f["patch"], self.f["grid"], self.f["channels"]
+        sizes = self.sizes
+        (gh, gw), channels = sizes.grid, sizes.channels
         return {
             "do_resize": True,
-            "size": {"height": gh * ph, "width": gw * pw},
+            "size": {"height": gh * sizes.patch_height, "width": gw * sizes.patch_width},
             "resample": 2,  # bilinear, as tf.image.resize in the original input pipeline
             "do_rescale": True,
             "rescale_factor": 1 / 255,
@@ -614,3 +695,8 @@ def read(path: Path, hints: dict[str, Any] | None = None) -> SourceWeights:
     """
     with _opened(Path(path)) as archive:
         return _Reader(archive, dict(hints or {})).read()
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The files whose bytes the conversion depends on (hashed into the metadata): the .npz."""
+    return [Path(path)]

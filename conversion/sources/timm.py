@@ -17,21 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from conversion.sources import (
+    is_timm_config,
     preview_keys,
     read_json,
     read_state_dict,
     sniff,
     state_dict_keys,
 )
-from conversion.sources.base import SourceWeights
+from conversion.sources.base import Architecture, Rule, SourceWeights, copy, position_table
+from vit_core.config import hw_pair
 from vit_core.errors import CheckpointError, ConfigError
 
 SOURCE_FORMAT = "timm"
@@ -43,43 +44,46 @@ _PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box":
 _GLOBAL_POOL = {"token": "cls", "": "cls", "avg": "mean"}
 
 
+# ------------------------------------------------------------------ transforms
+def split_qkv(value: np.ndarray, arch: Architecture) -> np.ndarray:
+    """timm's fused (3D, ...) projection: rows 0:D query, D:2D key, 2D:3D value, stacked."""
+    if value.shape[0] != 3 * arch.width:
+        raise CheckpointError(
+            f"has {value.shape[0]} rows (shape {tuple(value.shape)}); a fused query/key/value "
+            f"projection needs 3 x width = {3 * arch.width}: inconsistent shapes"
+        )
+    return value.reshape(3, arch.width, *value.shape[1:])
+
+
 # ------------------------------------------------------------------ key rules
-@dataclass(frozen=True)
-class Rule:
-    """timm key pattern -> canonical key (before the `vit.` prefix), and the transform."""
-
-    source: str
-    target: str
-    transform: str
-
-
+# timm key -> canonical key (before the `vit.` prefix), and the transform.
 # fmt: off
 RULES: tuple[Rule, ...] = (
-    Rule("cls_token", "embeddings.cls_token", "copy"),
-    Rule("pos_embed", "embeddings.position_embeddings", "position_table"),
-    Rule("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight", "copy"),
-    Rule("patch_embed.proj.bias", "embeddings.patch_embeddings.projection.bias", "copy"),
-    Rule("blocks.{i}.norm1.weight", "encoder.layer.{i}.layernorm_before.weight", "copy"),
-    Rule("blocks.{i}.norm1.bias", "encoder.layer.{i}.layernorm_before.bias", "copy"),
+    Rule("cls_token", "embeddings.cls_token", copy),
+    Rule("pos_embed", "embeddings.position_embeddings", position_table),
+    Rule("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight", copy),
+    Rule("patch_embed.proj.bias", "embeddings.patch_embeddings.projection.bias", copy),
+    Rule("blocks.{i}.norm1.weight", "encoder.layer.{i}.layernorm_before.weight", copy),
+    Rule("blocks.{i}.norm1.bias", "encoder.layer.{i}.layernorm_before.bias", copy),
     Rule("blocks.{i}.attn.qkv.weight", "encoder.layer.{i}.attention.attention.{qkv}.weight",
-         "split_qkv"),
+         split_qkv),
     Rule("blocks.{i}.attn.qkv.bias", "encoder.layer.{i}.attention.attention.{qkv}.bias",
-         "split_qkv"),
-    Rule("blocks.{i}.attn.proj.weight", "encoder.layer.{i}.attention.output.dense.weight", "copy"),
-    Rule("blocks.{i}.attn.proj.bias", "encoder.layer.{i}.attention.output.dense.bias", "copy"),
-    Rule("blocks.{i}.norm2.weight", "encoder.layer.{i}.layernorm_after.weight", "copy"),
-    Rule("blocks.{i}.norm2.bias", "encoder.layer.{i}.layernorm_after.bias", "copy"),
-    Rule("blocks.{i}.mlp.fc1.weight", "encoder.layer.{i}.intermediate.dense.weight", "copy"),
-    Rule("blocks.{i}.mlp.fc1.bias", "encoder.layer.{i}.intermediate.dense.bias", "copy"),
-    Rule("blocks.{i}.mlp.fc2.weight", "encoder.layer.{i}.output.dense.weight", "copy"),
-    Rule("blocks.{i}.mlp.fc2.bias", "encoder.layer.{i}.output.dense.bias", "copy"),
-    Rule("norm.weight", "layernorm.weight", "copy"),
-    Rule("norm.bias", "layernorm.bias", "copy"),
+         split_qkv),
+    Rule("blocks.{i}.attn.proj.weight", "encoder.layer.{i}.attention.output.dense.weight", copy),
+    Rule("blocks.{i}.attn.proj.bias", "encoder.layer.{i}.attention.output.dense.bias", copy),
+    Rule("blocks.{i}.norm2.weight", "encoder.layer.{i}.layernorm_after.weight", copy),
+    Rule("blocks.{i}.norm2.bias", "encoder.layer.{i}.layernorm_after.bias", copy),
+    Rule("blocks.{i}.mlp.fc1.weight", "encoder.layer.{i}.intermediate.dense.weight", copy),
+    Rule("blocks.{i}.mlp.fc1.bias", "encoder.layer.{i}.intermediate.dense.bias", copy),
+    Rule("blocks.{i}.mlp.fc2.weight", "encoder.layer.{i}.output.dense.weight", copy),
+    Rule("blocks.{i}.mlp.fc2.bias", "encoder.layer.{i}.output.dense.bias", copy),
+    Rule("norm.weight", "layernorm.weight", copy),
+    Rule("norm.bias", "layernorm.bias", copy),
     # timm before 0.6: the ImageNet-21k representation layer (Dense + tanh) = HF's pooler
-    Rule("pre_logits.fc.weight", "pooler.dense.weight", "copy"),
-    Rule("pre_logits.fc.bias", "pooler.dense.bias", "copy"),
-    Rule("head.weight", "classifier.weight", "copy"),
-    Rule("head.bias", "classifier.bias", "copy"),
+    Rule("pre_logits.fc.weight", "pooler.dense.weight", copy),
+    Rule("pre_logits.fc.bias", "pooler.dense.bias", copy),
+    Rule("head.weight", "classifier.weight", copy),
+    Rule("head.bias", "classifier.bias", copy),
 )
 # Keys that give away a timm family other than plain ViT: pattern -> what it is.
 FAMILIES: tuple[tuple[str, str], ...] = (
@@ -101,7 +105,6 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     (r"^head\.(fc|norm)\.", "a head with more than one layer"),
 )
 # fmt: on
-QKV = ("query", "key", "value")
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -109,53 +112,6 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 
 _COMPILED = tuple((_compile(rule.source), rule) for rule in RULES)
-
-
-@dataclass
-class Architecture:
-    """What the weights (and hints) say about the model; the transforms read it."""
-
-    width: int
-    grid: tuple[int, int]
-    table_has_class_slot: bool
-    config: dict[str, Any] = field(default_factory=dict)
-    assumed: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------- transforms
-# Each takes (target key, source key, array, architecture) and returns canonical pairs.
-Transform = Callable[[str, str, np.ndarray, Architecture], list[tuple[str, np.ndarray]]]
-
-
-def _copy(target: str, key: str, value: np.ndarray, arch: Architecture) -> list[Any]:
-    return [(target, value)]
-
-
-def _split_qkv(target: str, key: str, value: np.ndarray, arch: Architecture) -> list[Any]:
-    """timm's fused (3D, D) projection: rows 0:D query, D:2D key, 2D:3D value."""
-    if value.shape[0] != 3 * arch.width:
-        raise CheckpointError(
-            f"{key} has {value.shape[0]} rows (shape {tuple(value.shape)}); a fused "
-            f"query/key/value projection needs 3 x width = {3 * arch.width}: inconsistent shapes"
-        )
-    parts = np.split(value, 3, axis=0)
-    return [(target.replace("{qkv}", name), part) for name, part in zip(QKV, parts, strict=True)]
-
-
-def _position_table(target: str, key: str, value: np.ndarray, arch: Architecture) -> list[Any]:
-    """timm adds `pos_embed` after prepending the class token, like HF; with
-    `no_embed_class` it adds it before, so the class token gets no position: a zero row."""
-    if arch.table_has_class_slot or not arch.config["use_class_token"]:
-        return [(target, value)]
-    zero = np.zeros((1, 1, value.shape[-1]), dtype=value.dtype)
-    return [(target, np.concatenate([zero, value], axis=1))]
-
-
-TRANSFORMS: dict[str, Transform] = {
-    "copy": _copy,
-    "split_qkv": _split_qkv,
-    "position_table": _position_table,
-}
 
 
 # --------------------------------------------------------------------- detect
@@ -167,7 +123,7 @@ def _is_timm_folder(path: Path) -> bool:
         data = read_json(config)
     except CheckpointError:
         return False
-    return "architecture" in data and "model_type" not in data
+    return is_timm_config(data)
 
 
 def detect(path: Path) -> bool:
@@ -194,14 +150,14 @@ def read(path: Path, hints: dict[str, Any]) -> SourceWeights:
     hints = {**side_hints, **file_hints, **hints}  # what the user says wins
     processor = {**side_processor, **processor}
     _refuse_other_families(tensors, weights_file)
-    arch = _architecture(tensors, hints, weights_file)
+    arch, config, assumed = _architecture(tensors, hints, weights_file)
     canonical = _apply_rules(tensors, arch, weights_file)
     if not processor:
-        arch.assumed.append(
+        assumed.append(
             "preprocessing: mean = std = 0.5 and bicubic resize to the image size (timm's "
             "values for the augreg and original ViT weights; no pretrained_cfg in the file)"
         )
-    height, width = arch.config["image_size"]
+    height, width = config["image_size"]
     processor = {
         "size": {"height": height, "width": width},
         "resample": _PIL_RESAMPLE["bicubic"],
@@ -211,9 +167,9 @@ def read(path: Path, hints: dict[str, Any]) -> SourceWeights:
     }
     return SourceWeights(
         tensors=canonical,
-        config=arch.config,
+        config=config,
         source_format=SOURCE_FORMAT,
-        assumed=arch.assumed,
+        assumed=assumed,
         processor=processor,
     )
 
@@ -354,7 +310,7 @@ def _grid(
     image = hints.get("image_size")
     for cells, slot in candidates:
         if image is not None:
-            h, w = (image, image) if isinstance(image, int) else tuple(image)
+            h, w = hw_pair(image, "image_size")
             grid = (h // patch[0], w // patch[1])
             if grid[0] * grid[1] == cells and h % patch[0] == 0 and w % patch[1] == 0:
                 return grid, slot
@@ -370,7 +326,8 @@ def _grid(
 
 def _architecture(
     tensors: Mapping[str, np.ndarray], hints: Mapping[str, Any], path: Path
-) -> Architecture:
+) -> tuple[Architecture, dict[str, Any], list[str]]:
+    """(what the transforms read, the config fields, what was assumed) from the weights."""
     from conversion.sources import heads_for_width
 
     kernel = _require(tensors, "patch_embed.proj.weight", path, "the patch projection")
@@ -419,15 +376,14 @@ def _architecture(
         config["pooler_act"] = "tanh"
     if "id2label" in hints and head is not None:
         config["id2label"] = hints["id2label"]
-    arch = Architecture(width=width, grid=grid, table_has_class_slot=slot, config=config)
-    if assumed:
-        arch.assumed.append(assumed)
+    arch = Architecture(width=width, use_class_token=has_cls, table_has_class_slot=slot)
+    notes = [assumed] if assumed else []
     if has_cls and not slot:
-        arch.assumed.append(
+        notes.append(
             "the position table has no class-token row (timm no_embed_class): a zero row was "
             "put in its place, which computes the same function"
         )
-    return arch
+    return arch, config, notes
 
 
 def _apply_rules(
@@ -438,12 +394,11 @@ def _apply_rules(
     out: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
         rule, match = next((rule, m) for regex, rule in _COMPILED if (m := regex.match(key)))
-        target = rule.target.replace("{i}", match.groupdict().get("i") or "")
         try:
-            pairs = TRANSFORMS[rule.transform](target, key, value, arch)
+            pairs = rule.apply(value, arch, **match.groupdict())
         except CheckpointError as exc:
-            raise CheckpointError(f"{path}: {exc}") from None
-        for name, array in pairs:
+            raise CheckpointError(f"{path}: {key} {exc}") from None
+        for name, array in pairs.items():
             full = name if name.startswith("classifier.") else prefix + name
             out[full] = np.ascontiguousarray(array)
     return out

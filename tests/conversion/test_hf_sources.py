@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from vit_test_support import twin_outputs
 
 from conversion import convert
 from vit_core import CheckpointError, ConfigError
+from vit_core.backend import BACKENDS
 from vit_core.layout import WEIGHTS_NAME
+from vit_core.loading import folder_outputs
 
 
 def transformers_outputs(model: Any, head: str, pixels: np.ndarray) -> dict[str, np.ndarray]:
@@ -42,8 +43,8 @@ def transformers_outputs(model: Any, head: str, pixels: np.ndarray) -> dict[str,
 
 
 def assert_matches(oracle: Any, expected: dict[str, Any], folder: Path, pixels: Any, name: str):
-    for backend in ("torch", "flax"):
-        got = twin_outputs(folder, backend, pixels)
+    for backend in BACKENDS:
+        got = folder_outputs(folder, backend, pixels)
         assert sorted(got) == sorted(expected), f"{name}: outputs {sorted(got)}"
         for field, want in expected.items():
             oracle.assert_close(got[field], want, f"hf {name}: {backend} {field}")
@@ -191,8 +192,8 @@ def test_resampled_like_transformers_interpolate_pos_encoding(oracle: Any, tmp_p
     pixels = oracle.pixels(model.config, size=(48, 64))
     with torch.inference_mode():
         want = model(torch.from_numpy(pixels), interpolate_pos_encoding=True).logits
-    for backend in ("torch", "flax"):
-        got = twin_outputs(tmp_path / "out", backend, pixels)["logits"]
+    for backend in BACKENDS:
+        got = folder_outputs(tmp_path / "out", backend, pixels)["logits"]
         oracle.assert_close(got, want, f"hf resampled 48x64: {backend} logits")
 
 

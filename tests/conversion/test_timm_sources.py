@@ -19,12 +19,13 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from vit_test_support import twin_outputs
 
 from conversion import convert
 from conversion.sources import timm as timm_reader
 from vit_core import CheckpointError, ConfigError
+from vit_core.backend import BACKENDS
 from vit_core.layout import WEIGHTS_NAME
+from vit_core.loading import folder_outputs
 
 WIDTH, HEADS = 48, 3
 
@@ -55,8 +56,8 @@ def assert_matches_timm(oracle: Any, model: Any, folder: Path, name: str) -> Non
     )
     pixels = oracle.pixels(argparse.Namespace(image_size=(height, width), num_channels=3))
     features, logits = timm_outputs(model, pixels)
-    for backend in ("torch", "flax"):
-        got = twin_outputs(folder, backend, pixels)
+    for backend in BACKENDS:
+        got = folder_outputs(folder, backend, pixels)
         oracle.assert_close(got["last_hidden_state"], features, f"timm {name}: {backend} hidden")
         if logits is not None:
             oracle.assert_close(got["logits"], logits, f"timm {name}: {backend} logits")

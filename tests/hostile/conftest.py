@@ -14,19 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 from safetensors.numpy import save
+from vit_test_support import tiny_config
 
-from vit_core.config import ViTConfig
 from vit_core.layout import WEIGHTS_NAME, ModelKind, expected_shapes
 
-CONFIG = ViTConfig(
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=32,
-    image_size=16,
-    patch_size=8,
-    num_labels=3,
-)
+CONFIG = tiny_config(image_size=16, patch_size=8)
 CLASSIFIER = ModelKind(classifier=True, pooler=False)
 
 

@@ -80,9 +80,9 @@ CASES: dict[str, tuple[Callable[[Any], Any], str]] = {
     "negative_num_labels": (_fields(num_labels=-1, id2label=..., label2id=...), r"an int >= 0"),
     "absurd_num_labels": (
         _fields(num_labels=10**9, id2label=..., label2id=...),
-        r"num_labels must be at most 1,000,000; found 1000000000",
+        r"num_labels must be at most 1,000,000; got 1000000000",
     ),
-    "bool_as_string": (_fields(qkv_bias="false"), r"qkv_bias must be true or false; found 'false'"),
+    "bool_as_string": (_fields(qkv_bias="false"), r"qkv_bias must be true or false; got 'false'"),
     "eps_is_nan": (_text('{"layer_norm_eps": NaN}'), r"layer_norm_eps must be a finite number"),
     "eps_is_zero": (_fields(layer_norm_eps=0), r"layer_norm_eps must be > 0"),
     "dropout_above_one": (_fields(hidden_dropout_prob=1.5), r"must be in \[0, 1\); got 1\.5"),
@@ -131,13 +131,13 @@ def test_config_file_too_large(kit: Any, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_errors_come_before_any_framework(kit: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bad config never reaches the backend: `_build` is not called."""
+    """A bad config never reaches the backend: no backend (framework) is even imported."""
     from vit_core import loading
 
     def never(*args: Any) -> None:
-        raise AssertionError("the model was built from a bad config")
+        raise AssertionError("a backend was asked for with a bad config")
 
-    monkeypatch.setattr(loading, "_build", never)
+    monkeypatch.setattr(loading, "get_backend", never)
     for name in ("unknown_hidden_act", "heads_do_not_divide_width", "bool_as_string"):
         content, fragment = CASES[name]
         with pytest.raises(ConfigError, match=fragment):

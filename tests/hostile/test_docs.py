@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import vit_core.errors as errors
-from vit_core.loading import DTYPE_POLICY
+from vit_core.checkpoint import DTYPE_POLICY
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
 

@@ -26,9 +26,11 @@ import pytest
 
 from vit_core import CheckpointError, load
 from vit_core._io import atomic_write_bytes
+from vit_core.checkpoint import read_tensors
+from vit_core.config import ViTConfig
 from vit_core.errors import OutputExistsError, WriteError
 from vit_core.layout import WEIGHTS_NAME, ModelKind, to_internal
-from vit_core.loading import read_config, read_tensors, save_folder
+from vit_core.loading import save_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 KIND = ModelKind(classifier=True, pooler=False)
@@ -273,7 +275,7 @@ def _child(road: str, target: Path, version: int) -> subprocess.Popen[str]:
 
 def _version(folder: Path) -> int:
     """The one version a folder holds, or an assertion naming the mix it holds."""
-    config = read_config(folder / "config.json")  # whole, valid JSON
+    config = ViTConfig.from_json_file(folder / "config.json")  # whole, valid JSON
     tensors = read_tensors(folder / WEIGHTS_NAME)  # header and size checked
     values = set().union(*(np.unique(v).tolist() for v in tensors.values()))
     assert len(values) == 1, f"{folder}: tensors of several versions {values}"

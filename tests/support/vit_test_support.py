@@ -1,22 +1,19 @@
 """Helpers shared by test modules: random canonical folders and architectures to draw.
 
-Test folders are not packages (tests/vit_torch and tests/vit_flax mirror each other's
-file names), so shared code lives here, on pytest's `pythonpath`, under a name that
-cannot shadow a real package.
+Test folders are not packages (several hold a test_cli.py or a test_docs.py), so shared
+code lives here, on pytest's `pythonpath`, under a name that cannot shadow a real package.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from vit_core import ViTConfig, ViTImageProcessor, load
+from vit_core import ViTConfig, ViTImageProcessor
 from vit_core.layout import WEIGHTS_NAME, ModelKind, expected_shapes
 
 # Largest max-abs difference per named comparison over the run (tests/conftest.py prints
@@ -102,37 +99,22 @@ def training_digits(count: int) -> tuple[np.ndarray, np.ndarray]:
     return pixels, y_train[:count]
 
 
-def twin_outputs(folder: Path, backend: str, pixels: np.ndarray) -> dict[str, np.ndarray]:
-    """A folder's outputs from one backend: logits (if it has a head), last_hidden_state,
-    and pooler_output (if its encoder has a pooler)."""
-
-    def run(model: Any) -> Any:
-        if backend == "torch":
-            with torch.inference_mode():
-                return model(torch.from_numpy(pixels))
-        return model(pixels)
-
-    out = {}
-    config = json.loads((folder / "config.json").read_text())
-    if config["architectures"] == ["ViTForImageClassification"]:
-        out["logits"] = run(load(folder, backend, model_type="classification")).logits
-    base = run(load(folder, backend, model_type="base"))
-    out["last_hidden_state"] = base.last_hidden_state
-    if base.pooler_output is not None:
-        out["pooler_output"] = base.pooler_output
-    return out
+TINY_FIELDS: dict[str, Any] = {
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "image_size": 8,
+    "patch_size": 4,
+    "num_labels": 3,
+}
 
 
-# A two-layer model with dropout on, small enough to build in milliseconds: both twins'
-# model tests use it.
-TINY_DROPOUT_CONFIG = ViTConfig(
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=32,
-    image_size=8,
-    patch_size=4,
-    num_labels=3,
-    hidden_dropout_prob=0.3,
-    attention_probs_dropout_prob=0.3,
-)
+def tiny_config(**fields: Any) -> ViTConfig:
+    """A model small enough to build in milliseconds (two layers, width 16, 8x8 pixels in
+    2x2 patches of 4, three labels), with `fields` changed."""
+    return ViTConfig(**{**TINY_FIELDS, **fields})
+
+
+# With dropout on: both twins' model tests use it.
+TINY_DROPOUT_CONFIG = tiny_config(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)

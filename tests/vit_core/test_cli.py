@@ -18,13 +18,13 @@ import pytest
 from PIL import Image
 
 from vit_core import ImageError, load
+from vit_core.backend import get_backend
 from vit_core.cli import (
     BACKENDS,
     HELDOUT,
     MIN_ACCURACY,
     SHIPPED_MODEL,
     asset,
-    logits_of,
     main,
     open_image,
     processor_for,
@@ -149,7 +149,7 @@ def test_shipped_model_scores_at_least_95_percent_in_both_backends(
         models = {backend: load(folder, backend=backend) for backend in BACKENDS}
         pixels = processor_for(folder, models["torch"].config)(list(images))["pixel_values"]
     assert pixels.shape == (len(labels), 3, 8, 8)
-    logits = {b: logits_of(m, b, pixels) for b, m in models.items()}
+    logits = {b: get_backend(b).run(m, pixels)["logits"] for b, m in models.items()}
     for backend, values in logits.items():
         accuracy = float((values.argmax(axis=-1) == labels).mean())
         assert accuracy >= MIN_ACCURACY, f"{backend}: {accuracy:.2%}"

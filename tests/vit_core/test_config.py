@@ -104,7 +104,7 @@ def test_preset_resolution_must_divide() -> None:
         ({"hidden_act": "gelu_magic"}, "hidden_act='gelu_magic' is not supported"),
         ({"layer_norm_eps": 0.0}, "layer_norm_eps must be > 0"),
         ({"hidden_dropout_prob": 1.0}, "hidden_dropout_prob must be in"),
-        ({"image_size": "big"}, "image_size must be an int or a pair"),
+        ({"image_size": "big"}, r"image_size must be a positive int or \[height, width\]"),
         ({"num_labels": 3, "id2label": {0: "a", 1: "b"}}, "num_labels=3 but id2label has 2"),
         ({"id2label": {0: "a", 2: "b"}}, "id2label keys must be 0..1"),
         ({"id2label": {0: "a", 1: "b"}, "label2id": {"a": 1, "b": 0}}, "label2id\\['a'\\] = 1"),

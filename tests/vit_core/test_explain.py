@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from vit_test_support import tiny_config
 
 import vit_core
-from vit_core.cli import HELDOUT, SHIPPED_MODEL, asset, attentions_of, main, processor_for
+from vit_core.backend import get_backend
+from vit_core.cli import HELDOUT, SHIPPED_MODEL, asset, main, processor_for
 from vit_core.cli import read_heldout as read_heldout_digits
 from vit_core.explain import (
     PANEL_PX,
@@ -91,7 +93,10 @@ def shipped_attentions(digits: np.ndarray, torch_one_thread: None) -> dict[str, 
     with asset(SHIPPED_MODEL) as folder:
         models = {b: vit_core.load(folder, backend=b) for b in ("torch", "flax")}
         pixels = processor_for(folder, models["torch"].config)(list(digits))["pixel_values"]
-    return {b: attentions_of(m, b, pixels)[1] for b, m in models.items()}
+    return {
+        b: list(get_backend(b).run(m, pixels, output_attentions=True)["attentions"])
+        for b, m in models.items()
+    }
 
 
 # ----------------------------------------------------------------- numerics
@@ -156,21 +161,15 @@ def test_torch_and_flax_maps_agree(shipped_attentions: dict[str, list[np.ndarray
 def test_model_without_class_token_uses_the_mean_of_the_patch_rows(tmp_path: Path) -> None:
     import vit_torch
 
-    config = vit_core.ViTConfig(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        image_size=8,
-        patch_size=4,
-        use_class_token=False,
-        pooling_type="mean",
-        num_labels=3,
-    )
+    config = tiny_config(use_class_token=False, pooling_type="mean")
     vit_torch.ViTForImageClassification(config).save_pretrained(tmp_path)
     pixels = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
     attentions = {
-        b: attentions_of(vit_core.load(tmp_path, backend=b), b, pixels)[1]
+        b: list(
+            get_backend(b).run(vit_core.load(tmp_path, b), pixels, output_attentions=True)[
+                "attentions"
+            ]
+        )
         for b in ("torch", "flax")
     }
     maps = {b: explain(a, (2, 2), 0, "mean") for b, a in attentions.items()}

@@ -11,24 +11,14 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
+from vit_test_support import tiny_config
 
-from vit_core import ViTConfig
 from vit_core.info import folder_info
 from vit_core.layout import WEIGHTS_NAME, ModelKind, expected_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "vit_core" / "assets" / "vit-digits"
-CONFIG = ViTConfig(
-    hidden_size=16,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=32,
-    image_size=8,
-    patch_size=4,
-    use_class_token=False,
-    pooling_type="mean",
-    num_labels=0,
-)
+CONFIG = tiny_config(num_hidden_layers=1, use_class_token=False, pooling_type="mean", num_labels=0)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -17,11 +17,11 @@ import pytest
 from safetensors.numpy import load_file
 
 from vit_core import ConfigError, LayoutError, load
+from vit_core.backend import BACKENDS, get_backend
 from vit_core.initialization import TRUNCATED_NORMAL_STD
 from vit_core.layout import WEIGHTS_NAME
 from vit_core.resample import resample_position_embeddings
 
-BACKENDS = ("torch", "flax")
 NEW_SIZE = (48, 64)  # from 32x32 with patch 8: a 4x4 grid becomes 6x8
 POSITIONS = "vit.embeddings.position_embeddings"
 
@@ -32,14 +32,11 @@ def hf_folder(oracle: Any) -> tuple[Any, Path]:
     return oracle.make_hf("classification", seed=3, image_size=32, patch_size=8)
 
 
-def run(model: Any, pixels: np.ndarray, **kwargs: Any) -> Any:
-    """The model's output for numpy pixels, in either backend."""
-    if hasattr(model, "parameters"):
-        import torch
-
-        with torch.no_grad():
-            return model(torch.from_numpy(pixels), **kwargs)
-    return model(pixels, **kwargs)
+def run(model: Any, pixels: np.ndarray, **flags: Any) -> dict[str, Any]:
+    """The model's outputs for numpy pixels, from the backend that built it."""
+    return get_backend("torch" if hasattr(model, "parameters") else "flax").run(
+        model, pixels, **flags
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -51,8 +48,8 @@ def test_load_time_resize_equals_run_time_interpolation(
     resized = load(folder, backend=backend, image_size=NEW_SIZE)
     original = load(folder, backend=backend)
     assert resized.config.image_hw == NEW_SIZE and original.config.image_hw == (32, 32)
-    got = run(resized, pixels).logits
-    at_run_time = run(original, pixels, interpolate_pos_encoding=True).logits
+    got = run(resized, pixels)["logits"]
+    at_run_time = run(original, pixels, interpolate_pos_encoding=True)["logits"]
     oracle.assert_close(got, at_run_time, f"load-time vs run-time resize ({backend})")
     import torch
 
@@ -68,14 +65,16 @@ def test_resized_folder_round_trip(
     hf_model, folder = hf_folder
     pixels = oracle.pixels(hf_model.config, seed=2, size=NEW_SIZE)
     resized = load(folder, backend="flax", image_size=NEW_SIZE)
-    want = run(resized, pixels).logits
+    want = run(resized, pixels)["logits"]
     resized.save_pretrained(tmp_path / "resized")
     config = json.loads((tmp_path / "resized" / "config.json").read_text())
     assert config["image_size"] == list(NEW_SIZE) and config["patch_size"] == 8
     assert load_file(tmp_path / "resized" / WEIGHTS_NAME)[POSITIONS].shape == (1, 1 + 48, 48)
     for backend in BACKENDS:
         reloaded = load(tmp_path / "resized", backend=backend)
-        oracle.assert_close(run(reloaded, pixels).logits, want, f"resized round trip ({backend})")
+        oracle.assert_close(
+            run(reloaded, pixels)["logits"], want, f"resized round trip ({backend})"
+        )
 
 
 @pytest.mark.parametrize("mode", ["bicubic_antialias", "bilinear", "jax_zoom"])
@@ -104,7 +103,7 @@ def test_patch_size_cannot_change(hf_folder: tuple[Any, Path]) -> None:
 
 def encoder_and_logits(model: Any, pixels: np.ndarray) -> tuple[Any, Any]:
     out = run(model, pixels, output_hidden_states=True)
-    return out.hidden_states, out.logits
+    return out["hidden_states"], out["logits"]
 
 
 def test_new_head_is_the_same_in_both_backends(
@@ -127,7 +126,7 @@ def test_new_head_is_the_same_in_both_backends(
     head = load_file(tmp_path / "new-head" / WEIGHTS_NAME)
     assert head["classifier.weight"].shape == (7, 48) and not head["classifier.bias"].any()
     reloaded = load(tmp_path / "new-head", backend="torch")  # strict, no num_labels
-    oracle.assert_close(run(reloaded, pixels).logits, torch_logits, "new-head folder reload")
+    oracle.assert_close(run(reloaded, pixels)["logits"], torch_logits, "new-head folder reload")
 
 
 def test_new_head_distribution_seed_and_labels(hf_folder: tuple[Any, Path]) -> None:

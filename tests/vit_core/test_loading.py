@@ -11,21 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+from vit_test_support import tiny_config
 
 from vit_core import CheckpointError, ConfigError, LayoutError, ViTConfig, load
+from vit_core.checkpoint import map_tensors, release_pages
 from vit_core.layout import WEIGHTS_NAME, ModelKind, expected_shapes
-from vit_core.loading import map_tensors, release_pages
 from vit_core.safetensors_header import read_header
 
-CONFIG = ViTConfig(
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=32,
-    image_size=16,
-    patch_size=8,
-    num_labels=3,
-)
+CONFIG = tiny_config(image_size=16, patch_size=8)
 
 
 def write(folder: Path, tensors: dict[str, np.ndarray], config: ViTConfig = CONFIG) -> Path:

@@ -23,20 +23,19 @@ from PIL import Image
 
 import vit_core
 from vit_core import ImageError
+from vit_core.backend import get_backend
 from vit_core.batching import (
     PREFETCH_BATCHES,
     Item,
     ResultsWriter,
     expand_inputs,
     load_item,
-    pad_to_multiple,
     threaded_batches,
 )
 from vit_core.cli import (
     HELDOUT,
     SHIPPED_MODEL,
     asset,
-    logits_of,
     main,
     processor_for,
     read_heldout,
@@ -86,7 +85,11 @@ def expected(folder: Path, torch_one_thread: None) -> dict[str, np.ndarray]:
         processor = processor_for(model_folder, model.config)
     pixels = processor([Image.open(p) for p in paths])["pixel_values"]
     return dict(
-        zip((p.name for p in paths), softmax(logits_of(model, "torch", pixels)), strict=True)
+        zip(
+            (p.name for p in paths),
+            softmax(get_backend("torch").run(model, pixels)["logits"]),
+            strict=True,
+        )
     )
 
 
@@ -140,6 +143,8 @@ def test_threaded_batches_keep_at_most_one_batch_decoded_ahead(folder: Path) -> 
 
 
 def test_pad_to_multiple_appends_zero_images() -> None:
+    from vit_flax.backend import pad_to_multiple
+
     batch = np.ones((3, 3, 2, 2), np.float32)
     padded = pad_to_multiple(batch, 2)
     assert padded.shape == (4, 3, 2, 2) and not padded[3].any() and padded[:3].all()
@@ -212,7 +217,7 @@ ON_DEVICES = """
 import os, sys
 import jax
 import numpy as np
-from vit_core.batching import ShardedFlaxModel
+from vit_flax.backend import ShardedFlaxModel
 from vit_core.cli import main
 
 devices = int(os.environ["EXPECT_DEVICES"])

@@ -59,7 +59,10 @@ def test_flax_only_install_predicts_and_explains(wheel: Path, tmp_path: Path) ->
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
     python = venv / "bin" / "python"
-    _run(python, "-m", "pip", "install", "--quiet", f"{wheel}[flax]", cwd=tmp_path)
+    _run(
+        python, "-m", "pip", "install", "--quiet", "--constraint", ROOT / "constraints.txt",
+        f"{wheel}[flax]", cwd=tmp_path,
+    )  # fmt: skip
     # outside the checkout, with a clean environment: only the installed wheel is importable
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["MPLBACKEND"] = "Agg"

@@ -1,4 +1,8 @@
-"""The Flax twin as a model: a params pytree, jit, dropout through an rng, gradients."""
+"""What only the Flax twin has: a params pytree, jit, and dropout through an explicit rng.
+
+What both twins do (dropout only in training, gradients, output records, training) is
+tested once for both in tests/twins/.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +14,30 @@ import numpy as np
 import pytest
 from vit_test_support import TINY_DROPOUT_CONFIG
 
-from vit_core import InputError
+from vit_core import InputError, ViTConfig
 from vit_flax import FlaxViTForImageClassification, FlaxViTModel
 
 CONFIG = TINY_DROPOUT_CONFIG
 PIXELS = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
 
 
-def test_dropout_through_rng_only_when_training() -> None:
-    model = FlaxViTForImageClassification(CONFIG)
-    eval_a, eval_b = model(PIXELS).logits, model(PIXELS).logits
-    np.testing.assert_array_equal(eval_a, eval_b)
-    rng_a, rng_b = jax.random.split(jax.random.PRNGKey(0))
-    train_a = model(PIXELS, train=True, dropout_rng=rng_a).logits
-    assert not np.array_equal(train_a, model(PIXELS, train=True, dropout_rng=rng_b).logits)
-    np.testing.assert_array_equal(train_a, model(PIXELS, train=True, dropout_rng=rng_a).logits)
+def with_dropout(hidden: float, attention: float) -> ViTConfig:
+    return dataclasses.replace(
+        CONFIG, hidden_dropout_prob=hidden, attention_probs_dropout_prob=attention
+    )
+
+
+@pytest.mark.parametrize(("hidden", "attention"), [(0.3, 0.0), (0.0, 0.3), (0.3, 0.3)])
+def test_training_with_dropout_needs_a_dropout_rng(hidden: float, attention: float) -> None:
+    model = FlaxViTForImageClassification(with_dropout(hidden, attention))
     with pytest.raises(ValueError, match="needs a dropout_rng"):
         model(PIXELS, train=True)
+
+
+def test_training_without_dropout_needs_no_rng() -> None:
+    """No dropout configured: training mode is the inference function."""
+    model = FlaxViTForImageClassification(with_dropout(0.0, 0.0))
+    np.testing.assert_array_equal(model(PIXELS, train=True).logits, model(PIXELS).logits)
 
 
 def test_jit_and_grad_over_params() -> None:
@@ -48,14 +59,6 @@ def test_params_are_a_pytree_with_twin_names() -> None:
     assert layer["attention"]["qkv"]["kernel"].shape == (16, 48)
     assert layer["norm1"]["scale"].shape == (16,)
     assert params["vit"]["embeddings"]["patch_embeddings"]["kernel"].shape == (4, 4, 3, 16)
-
-
-def test_outputs_like_transformers() -> None:
-    model = FlaxViTModel(dataclasses.replace(CONFIG, hidden_dropout_prob=0.0))
-    out = model(PIXELS, output_hidden_states=True, output_attentions=True)
-    assert list(out) == ["last_hidden_state", "pooler_output", "hidden_states", "attentions"]
-    assert out.attentions[0].shape == (2, 2, 5, 5)
-    assert len(model(PIXELS, return_dict=False)) == 2
 
 
 def test_wrong_size_is_refused_before_tracing() -> None:

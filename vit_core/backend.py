@@ -1,0 +1,153 @@
+"""The backend interface, and the one registry through which the core reaches a framework.
+
+The core never imports a framework or a twin module by name: it asks `get_backend(name)`
+for a backend ("torch", "flax"; later "onnx") and hands it a config and canonical numpy
+tensors. A backend is a module (`vit_torch.backend`, `vit_flax.backend`) that offers the
+functions of `Backend`: build a model, run it on numpy pixels to a dict of numpy outputs,
+and stream decoded image batches for `predict`. Everything that must run a model on
+numpy pixels (the CLI, conversion's verification, the benchmarks, the tests) goes
+through `Backend.run`, written once per framework.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+
+from vit_core.errors import InputError
+
+if TYPE_CHECKING:
+    from vit_core.batching import Batch
+    from vit_core.config import ViTConfig
+    from vit_core.layout import ModelKind
+    from vit_core.outputs import ModelOutput
+
+BackendName = Literal["torch", "flax"]
+# Outputs as numpy: logits | last_hidden_state, pooler_output; hidden_states and
+# attentions (tuples of arrays) when asked for.
+Outputs = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """Where a backend lives, the pip extra that installs its framework, and the `load`
+    options only it takes (so a wrong pairing is refused before the framework is imported)."""
+
+    module: str
+    extra: str
+    options: tuple[str, ...] = ()
+
+
+REGISTRY: dict[str, BackendEntry] = {
+    "torch": BackendEntry("vit_torch.backend", "torch", ("quantize", "calibration")),
+    "flax": BackendEntry("vit_flax.backend", "flax"),
+}
+BACKENDS: tuple[str, ...] = tuple(REGISTRY)
+
+
+class Backend(Protocol):
+    """What each backend module offers (each twin's `backend.py`)."""
+
+    NAME: str
+
+    def check_options(self, dtype: Any, **options: Any) -> None:
+        """Refuse, before any file is read, option values this backend cannot honour."""
+        ...
+
+    def build(
+        self,
+        config: ViTConfig,
+        kind: ModelKind,
+        internal: Mapping[str, np.ndarray],
+        dtype: Any = None,
+        model_class: type | None = None,
+        **options: Any,
+    ) -> Any:
+        """The twin of `kind` (or `model_class`) holding `internal`, ready for inference."""
+        ...
+
+    def run(
+        self,
+        model: Any,
+        pixels: np.ndarray,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool | str = False,
+    ) -> Outputs:
+        """The model's outputs on numpy pixels (N, C, H, W), as float32 numpy arrays."""
+        ...
+
+    def batch_runner(self, model: Any, workers: int) -> tuple[Callable[[np.ndarray], Outputs], str]:
+        """`run` as `predict` uses it on a stream of batches, and how it runs (with
+        `workers` decoding), in words."""
+        ...
+
+    def batches(
+        self, paths: Sequence[Path], processor: Any, batch_size: int, workers: int
+    ) -> Iterator[Batch]:
+        """Decoded, preprocessed batches of image files, `workers` decoding in parallel."""
+        ...
+
+    def parameter_count(self, model: Any) -> int: ...
+
+    def as_tensor(self, array: np.ndarray) -> Any:
+        """The framework's tensor holding `array` (for `return_tensors=`)."""
+        ...
+
+
+def check_backend_name(name: str) -> None:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(REGISTRY)}")
+
+
+def backend_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options given (not None) for backend `name`; one that belongs to another
+    backend is refused, naming the backend that takes it."""
+    check_backend_name(name)
+    given = {option: value for option, value in options.items() if value is not None}
+    for option, value in given.items():
+        if option in REGISTRY[name].options:
+            continue
+        owners = [b for b, entry in REGISTRY.items() if option in entry.options]
+        if not owners:
+            raise TypeError(f"load() got an unexpected keyword argument {option!r}")
+        raise InputError(
+            f"{option}={value!r} runs on the {' or '.join(owners)} backend; the {name} "
+            "backend computes in float32 or dtype= (e.g. 'bfloat16')"
+        )
+    return given
+
+
+def get_backend(name: str) -> Backend:
+    """The backend module for `name`, importing its framework now (and only now)."""
+    check_backend_name(name)
+    entry = REGISTRY[name]
+    try:
+        module: Any = importlib.import_module(entry.module)
+    except ImportError as exc:
+        if exc.name is not None and exc.name.split(".")[0] == entry.module.split(".")[0]:
+            raise  # the backend itself is broken, not its framework missing
+        raise ImportError(
+            f"backend {name!r} needs its framework ({exc.name} is not installed); "
+            f"install it with `pip install 'vit-twin[{entry.extra}]'`"
+        ) from exc
+    return module
+
+
+def as_numpy_outputs(record: ModelOutput, to_numpy: Callable[[Any], np.ndarray]) -> Outputs:
+    """An output record as float32 numpy arrays; `None` fields and the loss left out."""
+    out: Outputs = {}
+    for name in record:  # the fields that hold a value
+        if name == "loss":
+            continue
+        value = getattr(record, name)
+        if isinstance(value, tuple):
+            out[name] = tuple(to_numpy(v) for v in value)
+        else:
+            out[name] = to_numpy(value)
+    return out

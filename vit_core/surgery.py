@@ -1,0 +1,196 @@
+"""Model surgery on canonical tensors, in numpy, so both twins get the same weights.
+
+Asked for by name at load time, never silent: narrowing a classification checkpoint to
+its encoder, a new classifier for another label set (`replace_head`), and the position
+table resampled for another input size (`resize_for_image_size`). The layout check with
+its next-step hints lives here too, since it decides which surgery a mismatch calls for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vit_core.checkpoint import CONVERT_HINT
+from vit_core.config import ViTConfig
+from vit_core.errors import CheckpointError, ConfigError, LayoutError
+from vit_core.initialization import truncated_normal
+from vit_core.layout import BASE_PREFIX, ModelKind, check_layout, expected_shapes
+from vit_core.resample import (
+    DEFAULT_INTERPOLATION,
+    check_interpolation,
+    resample_position_embeddings,
+)
+
+
+def select_model_type(
+    tensors: dict[str, np.ndarray], kind: ModelKind, model_type: str, source: Path
+) -> tuple[dict[str, np.ndarray], ModelKind]:
+    """Narrow a classification checkpoint to its encoder when a base model is asked for."""
+    if model_type == "classification" and not kind.classifier:
+        raise CheckpointError(
+            f"{source}: has no classifier head (keys have no `vit.` prefix); "
+            "load it with model_type='base', or convert a classification checkpoint"
+        )
+    if model_type == "base" and kind.classifier:
+        encoder = {
+            k[len(BASE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(BASE_PREFIX)
+        }
+        return encoder, ModelKind(classifier=False, pooler=kind.pooler)
+    return tensors, kind
+
+
+def resize_for_image_size(
+    tensors: dict[str, np.ndarray],
+    config: ViTConfig,
+    kind: ModelKind,
+    image_size: int | tuple[int, int],
+    interpolation: str = DEFAULT_INTERPOLATION,
+) -> tuple[dict[str, np.ndarray], ViTConfig]:
+    """Canonical tensors and config for another input size: the position grid resampled.
+
+    The patch size is part of the trained weights and cannot change, so the new size
+    must be a multiple of it (`ConfigError` otherwise, from the new config's validation).
+    """
+    check_interpolation(interpolation)
+    if isinstance(image_size, list | tuple):
+        image_size = tuple(int(v) for v in image_size)  # type: ignore[assignment]
+    try:
+        resized = dataclasses.replace(config, image_size=image_size)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"cannot load at image_size={image_size}: {exc} "
+            f"(the patch size {config.patch_hw} is fixed by the trained weights)"
+        ) from None
+    if resized.grid_hw == config.grid_hw:
+        return tensors, resized
+    key = kind.prefix + "embeddings.position_embeddings"
+    table = resample_position_embeddings(
+        tensors[key], config.grid_hw, resized.grid_hw, config.num_prefix_tokens, interpolation
+    )
+    return {**tensors, key: table}, resized
+
+
+def replace_head(
+    tensors: dict[str, np.ndarray],
+    config: ViTConfig,
+    kind: ModelKind,
+    num_labels: int,
+    id2label: Mapping[int, str] | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], ViTConfig, ModelKind]:
+    """Canonical tensors, config and kind with a fresh classifier for `num_labels` classes.
+
+    Every other weight is kept. The new head is truncated normal(initializer_range) with
+    a zero bias, drawn from `seed`. A base-model checkpoint (no head) gains one: its keys
+    take the `vit.` prefix, and an unused pooler is dropped.
+    """
+    labels: dict[str, Any] = {"num_labels": num_labels, "id2label": None, "label2id": None}
+    if id2label is not None:
+        labels.update(num_labels=None, id2label=dict(id2label))
+        if len(id2label) != num_labels:
+            raise ConfigError(
+                f"num_labels={num_labels} but id2label has {len(id2label)} entries; "
+                "give one of them, or make them agree"
+            )
+    new_config = dataclasses.replace(config, **labels)
+    kept = {k: v for k, v in tensors.items() if not k.startswith("classifier.")}
+    if kind.classifier:
+        new_kind = kind
+    else:  # the classification twin has a pooler only when its classifier reads it
+        new_kind = ModelKind(classifier=True, pooler=config.classifier_uses_pooler)
+        kept = {
+            BASE_PREFIX + k: v
+            for k, v in kept.items()
+            if new_kind.pooler or not k.startswith("pooler.")
+        }
+    if num_labels > 0:
+        dtype = kept[BASE_PREFIX + "layernorm.weight"].dtype
+        rng = np.random.default_rng(seed)
+        weight = truncated_normal(rng, (num_labels, config.hidden_size), config.initializer_range)
+        kept["classifier.weight"] = weight.astype(dtype)
+        kept["classifier.bias"] = np.zeros(num_labels, dtype)
+    return kept, new_config, new_kind
+
+
+def check_depth(tensors: Mapping[str, np.ndarray], config: ViTConfig, source: Path) -> None:
+    """Fail fast on a config whose depth the file cannot hold (each layer is >= 10 tensors),
+    before a hostile `num_hidden_layers` makes the layout check enumerate billions of keys."""
+    if config.num_hidden_layers * 10 > len(tensors):
+        raise LayoutError(
+            f"{source}: config.json says num_hidden_layers={config.num_hidden_layers}, but the "
+            f"file holds only {len(tensors)} tensors (each layer has at least 10); the config "
+            "does not belong to these weights: use the config.json saved with them"
+        )
+
+
+# Key shapes of other layouts, to say what a mixed or unconverted file holds.
+_FOREIGN_LAYOUTS = (
+    (r"^(module\.)?(blocks\.\d+\.|patch_embed\.|pos_embed$|cls_token$|head\.|fc_norm\.)", "timm"),
+    (r"(^|/)(Transformer|encoderblock_\d+|embedding|head)(/|$)", "original JAX / big_vision"),
+    (r"^(module|model)\.(vit\.|embeddings\.|encoder\.)", "a wrapped (DDP or Lightning) state dict"),
+    (r"\.(kernel|scale)$", "Flax"),
+)
+
+
+def _foreign_hint(keys: set[str]) -> str:
+    """' N of the unexpected keys look like timm's layout (e.g. ...)' or ''."""
+    for pattern, name in _FOREIGN_LAYOUTS:
+        hits = sorted(k for k in keys if re.search(pattern, k))
+        if hits:
+            return (
+                f" | {len(hits)} of the unexpected keys look like {name} keys (e.g. {hits[0]}): "
+                f"this file is not in the canonical layout, or mixes layouts; {CONVERT_HINT}"
+            )
+    return ""
+
+
+def check_layout_with_hint(
+    tensors: Mapping[str, np.ndarray], config: ViTConfig, kind: ModelKind, source: str
+) -> None:
+    """`check_layout`, with the next step: `num_labels=` when only the classifier
+    disagrees, conversion when keys of another layout are present, else the config."""
+    try:
+        check_layout(tensors, config, kind, source)
+    except LayoutError as exc:
+        message = str(exc)
+        expected = expected_shapes(config, kind)
+        unexpected = set(tensors) - set(expected)
+        wrong = (set(expected) ^ set(tensors)) | {
+            k for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]
+        }
+        if all(k.startswith("classifier.") for k in wrong):
+            raise LayoutError(
+                f"{message} | to train a new head instead, load with num_labels=N "
+                "(the classifier is then re-initialised, every other weight kept)"
+            ) from None
+        hint = _foreign_hint(unexpected) or (
+            " | next step: check that config.json belongs to these weights "
+            "(`python -m vit_core info FOLDER` shows both side by side)"
+        )
+        raise LayoutError(message + hint) from None
+
+
+def checked_new_head(
+    tensors: dict[str, np.ndarray],
+    config: ViTConfig,
+    kind: ModelKind,
+    num_labels: int,
+    id2label: Mapping[int, str] | None,
+    seed: int,
+    source: str,
+) -> tuple[dict[str, np.ndarray], ViTConfig, ModelKind]:
+    """`replace_head` after checking everything but the old head (which is discarded)."""
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 0:
+        raise ConfigError(f"num_labels must be an int >= 0; got {num_labels!r}")
+    # The old head may have any size (that is the point), but the rest must fit the config.
+    encoder = {k: v for k, v in tensors.items() if not k.startswith("classifier.")}
+    no_labels: dict[str, Any] = {"num_labels": 0, "id2label": None, "label2id": None}
+    encoder_config = dataclasses.replace(config, **no_labels)
+    check_layout(encoder, encoder_config, kind, source)
+    return replace_head(tensors, config, kind, num_labels, id2label, seed)

@@ -1,0 +1,149 @@
+"""The torch backend (`vit_core.backend`): build the twin, run it on numpy, stream batches.
+
+The core hands over a config and internal-name numpy tensors; the model is built on the
+meta device (no random init is run) and the tensors are assigned as its parameters, shared
+with the memory map where torch allows. Options only this backend takes: `quantize=` and
+`calibration=` (`vit_torch.quantization`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vit_core.backend import Outputs, as_numpy_outputs
+from vit_core.batching import Batch, ImageFiles, collate, useful_workers
+from vit_core.config import ViTConfig
+from vit_core.errors import InputError
+from vit_core.layout import ModelKind
+from vit_torch.modeling import ViTForImageClassification, ViTModel
+from vit_torch.weights import assign_internal_weights
+
+NAME = "torch"
+QUANTIZATIONS = ("int8", "int8-static")  # `quantize=`: dynamic and static int8
+
+
+def check_options(dtype: Any, quantize: str | None = None, calibration: Any = None) -> None:
+    """Refuse, before any tensor is read, what int8 cannot do (a package error, so the
+    CLIs print it as one line); the quantization code itself is imported only if used."""
+    if calibration is not None and quantize != "int8-static":
+        raise InputError(
+            "calibration= sets the activation scales of quantize='int8-static'; "
+            f"with quantize={quantize!r} it would be ignored"
+        )
+    if quantize is None:
+        return
+    if quantize not in QUANTIZATIONS:
+        raise InputError(
+            f"unknown quantize {quantize!r}; choose one of {QUANTIZATIONS} (fbgemm/oneDNN "
+            "int8 kernels)"
+        )
+    if dtype is not None:
+        raise InputError(
+            f"quantize={quantize!r} keeps activations in float32; it cannot be combined "
+            f"with dtype={dtype!r}"
+        )
+    if calibration is None and quantize == "int8-static":
+        raise InputError(
+            "quantize='int8-static' needs calibration=: pixel values (N, C, H, W) of a few "
+            "dozen to a few hundred images like those the model will see, made by its "
+            "image processor (ViTImageProcessor(...)(images)['pixel_values'])"
+        )
+
+
+def build(
+    config: ViTConfig,
+    kind: ModelKind,
+    internal: Mapping[str, np.ndarray],
+    dtype: Any = None,
+    model_class: type | None = None,
+    quantize: str | None = None,
+    calibration: Any = None,
+) -> Any:
+    """The torch twin of `kind` (or `model_class`) in eval mode, holding `internal`."""
+    twin: type = ViTForImageClassification if kind.classifier else ViTModel
+    cls: Any = model_class or twin
+    if not issubclass(cls, twin):
+        raise InputError(
+            f"model_class={cls.__name__} cannot hold this checkpoint, which needs a "
+            f"{twin.__name__} (a subclass of it, or model_type= to choose the other model)"
+        )
+    with torch.device("meta"):
+        model = cls(config) if kind.classifier else cls(config, add_pooling_layer=kind.pooler)
+    # float32 unless asked otherwise, whatever the file stores (as transformers and the twin do)
+    torch_dtype = getattr(torch, str(dtype).removeprefix("torch.")) if dtype else torch.float32
+    assign_internal_weights(model, internal, torch_dtype).eval()
+    if quantize == "int8":
+        from vit_torch.quantization import quantize_encoder
+
+        return quantize_encoder(model)
+    if quantize == "int8-static":
+        from vit_torch.quantization import quantize_static
+
+        return quantize_static(model, calibration)
+    return model
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy()
+
+
+def run(
+    model: torch.nn.Module,
+    pixels: np.ndarray,
+    output_attentions: bool = False,
+    output_hidden_states: bool = False,
+    interpolate_pos_encoding: bool | str = False,
+) -> Outputs:
+    """The model's outputs on numpy pixels, as float32 numpy, without autograd."""
+    with torch.inference_mode():
+        out = model(
+            torch.from_numpy(pixels),
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+    return as_numpy_outputs(out, to_numpy)
+
+
+def batch_runner(model: torch.nn.Module, workers: int) -> tuple[Callable[..., Outputs], str]:
+    return partial(run, model), f"DataLoader with up to {workers} worker process(es)"
+
+
+def _one_torch_thread(_worker_id: int) -> None:
+    """Workers decode with PIL; torch threads in them would only fight the model's."""
+    torch.set_num_threads(1)
+
+
+def batches(
+    paths: Sequence[Path], processor: Any, batch_size: int, workers: int
+) -> Iterator[Batch]:
+    """Batches from a `DataLoader` whose `workers` processes decode and preprocess.
+
+    Memory is bounded by the DataLoader's prefetching (two batches per worker).
+    """
+    from torch.utils.data import DataLoader
+
+    workers = useful_workers(workers, len(paths), batch_size)
+    loader: DataLoader[Any] = DataLoader(
+        ImageFiles(paths, processor),  # type: ignore[arg-type]
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        worker_init_fn=_one_torch_thread if workers else None,
+    )
+    yield from loader
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(array)
