@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from vit_core import CheckpointError, load
+from vit_core import CheckpointError, ViTError, load
 from vit_core._io import atomic_write_bytes
 from vit_core.checkpoint import read_tensors
 from vit_core.config import ViTConfig
@@ -161,6 +161,7 @@ def test_a_failure_mid_save_leaves_the_old_folder(
     with pytest.raises(WriteError, match=r"cannot write model\.safetensors .*No space left") as e:
         save_folder(target, kit.CONFIG, _internal(kit, seed=3), KIND)
     assert isinstance(e.value, OSError)  # code catching OSError keeps catching it
+    assert isinstance(e.value, ViTError)  # and so does the CLI's one-line handler
     assert _state(target) == before
     assert _hidden(tmp_path) == []
 

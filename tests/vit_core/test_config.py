@@ -142,3 +142,33 @@ def test_bad_json_file_is_named(tmp_path: Path) -> None:
 def test_hub_id_is_refused_with_advice() -> None:
     with pytest.raises(ViTError, match="never downloads"):
         ViTConfig.from_pretrained("google/vit-base-patch16-224")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("qkv_bias", "false", "qkv_bias must be true or false; got 'false'"),
+        ("layer_norm_eps", "1e-6", "layer_norm_eps must be a finite number"),
+        ("encoder_stride", 16.0, "encoder_stride must be a positive int"),
+        ("architectures", "ViTModel", "architectures must be a list of strings"),
+    ],
+)
+def test_one_reader_for_from_pretrained_load_and_construction(
+    tmp_path: Path, field: str, value: object, message: str
+) -> None:
+    """`"qkv_bias": "false"` (a string Python takes as true) is refused alike by
+    `from_pretrained`, by `vit_core.load` and by `ViTConfig(...)`: the field types are
+    checked from the dataclass annotations, in one place."""
+    from vit_test_support import TINY_FIELDS
+
+    import vit_core
+
+    data = {**ViTConfig(**TINY_FIELDS).to_dict(), field: value}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    (tmp_path / "model.safetensors").write_bytes(b"")  # never read: the config fails first
+    for read in (ViTConfig.from_pretrained, vit_core.load):
+        with pytest.raises(ConfigError, match=message) as info:
+            read(tmp_path)
+        assert str(tmp_path / "config.json") in str(info.value)
+    with pytest.raises(ConfigError, match=message):
+        ViTConfig(**{**TINY_FIELDS, field: value})
