@@ -139,6 +139,20 @@ def get_backend(name: str) -> Backend:
     return module
 
 
+def class_to_build(kind: ModelKind, classifier: type, base: type, model_class: type | None) -> Any:
+    """The twin class a backend builds for `kind`: `model_class` when given (it must be a
+    subclass of the twin's own class for that kind), else the twin's own."""
+    twin = classifier if kind.classifier else base
+    if model_class is None:
+        return twin
+    if not issubclass(model_class, twin):
+        raise InputError(
+            f"model_class={model_class.__name__} cannot hold this checkpoint, which needs a "
+            f"{twin.__name__} (a subclass of it, or model_type= to choose the other model)"
+        )
+    return model_class
+
+
 def as_numpy_outputs(record: ModelOutput, to_numpy: Callable[[Any], np.ndarray]) -> Outputs:
     """An output record as float32 numpy arrays; `None` fields and the loss left out."""
     out: Outputs = {}

@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vit_core.backend import Outputs, as_numpy_outputs
+from vit_core.backend import Outputs, as_numpy_outputs, class_to_build
 from vit_core.batching import Batch, threaded_batches
 from vit_core.config import ViTConfig
-from vit_core.errors import InputError
 from vit_core.layout import ModelKind
 from vit_flax.modeling import (
     FlaxViTForImageClassification,
@@ -45,13 +44,7 @@ def build(
     model_class: type | None = None,
 ) -> FlaxViTPreTrainedModel:
     """The Flax twin of `kind` (or `model_class`), holding `internal` as its params."""
-    twin: type = FlaxViTForImageClassification if kind.classifier else FlaxViTModel
-    cls: Any = model_class or twin
-    if not issubclass(cls, twin):
-        raise InputError(
-            f"model_class={cls.__name__} cannot hold this checkpoint, which needs a "
-            f"{twin.__name__} (a subclass of it, or model_type= to choose the other model)"
-        )
+    cls = class_to_build(kind, FlaxViTForImageClassification, FlaxViTModel, model_class)
     compute = jnp.dtype(dtype) if dtype is not None else jnp.float32
     model: FlaxViTPreTrainedModel
     if kind.classifier:

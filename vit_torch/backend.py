@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vit_core.backend import Outputs, as_numpy_outputs
+from vit_core.backend import Outputs, as_numpy_outputs, class_to_build
 from vit_core.batching import Batch, ImageFiles, collate, useful_workers
 from vit_core.config import ViTConfig
 from vit_core.errors import InputError
@@ -66,13 +66,7 @@ def build(
     calibration: Any = None,
 ) -> Any:
     """The torch twin of `kind` (or `model_class`) in eval mode, holding `internal`."""
-    twin: type = ViTForImageClassification if kind.classifier else ViTModel
-    cls: Any = model_class or twin
-    if not issubclass(cls, twin):
-        raise InputError(
-            f"model_class={cls.__name__} cannot hold this checkpoint, which needs a "
-            f"{twin.__name__} (a subclass of it, or model_type= to choose the other model)"
-        )
+    cls = class_to_build(kind, ViTForImageClassification, ViTModel, model_class)
     with torch.device("meta"):
         model = cls(config) if kind.classifier else cls(config, add_pooling_layer=kind.pooler)
     # float32 unless asked otherwise, whatever the file stores (as transformers and the twin do)

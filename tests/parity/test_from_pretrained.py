@@ -79,3 +79,17 @@ def test_from_pretrained_builds_the_class_it_is_called_on(
         assert actual.keys() == expected.keys()  # a classifier subclass keeps its logits
         for name, value in expected.items():
             np.testing.assert_array_equal(actual[name], value, err_msg=f"{cls.__name__}.{name}")
+
+
+@pytest.mark.parametrize("backend", sorted(CLASSES))
+def test_a_model_class_that_cannot_hold_the_checkpoint_is_refused(
+    backend: str, tmp_path: Path
+) -> None:
+    """A base-model class asked to hold a classifier checkpoint: a clear refusal naming
+    the class it needs, not a state-dict error from inside the framework."""
+    from vit_core import InputError
+
+    write_folder(tmp_path, CONFIG, KINDS["classification"], seed=0)
+    base_class, _ = CLASSES[backend]["base"]
+    with pytest.raises(InputError, match=f"model_class={base_class.__name__} cannot hold"):
+        load(tmp_path, backend=backend, model_class=base_class)
