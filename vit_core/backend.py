@@ -15,7 +15,7 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from vit_core.layout import ModelKind
     from vit_core.outputs import ModelOutput
 
-BackendName = Literal["torch", "flax"]
 # Outputs as numpy: logits | last_hidden_state, pooler_output; hidden_states and
 # attentions (tuples of arrays) when asked for.
 Outputs = dict[str, Any]
@@ -52,8 +51,6 @@ BACKENDS: tuple[str, ...] = tuple(REGISTRY)
 
 class Backend(Protocol):
     """What each backend module offers (each twin's `backend.py`)."""
-
-    NAME: str
 
     def check_options(self, dtype: Any, **options: Any) -> None:
         """Refuse, before any file is read, option values this backend cannot honour."""

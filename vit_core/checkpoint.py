@@ -131,12 +131,6 @@ def release_pages(array: np.ndarray) -> None:
         mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
-def read_keys(path: str | Path) -> set[str]:
-    """The tensor names of a folder's (or a `.safetensors` file's) weights, from the
-    checked header alone: no tensor is read."""
-    return set(read_header(resolve_files(path)[0]).tensors)
-
-
 def numpy_dtype(name: str) -> np.dtype[Any]:
     """The numpy dtype of a safetensors header name ("F32", "BF16", ...) or of a numpy
     name ("float32", "bfloat16", ...); bfloat16 is ml_dtypes'."""

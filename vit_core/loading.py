@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, Literal, get_args, overload
 
 import numpy as np
 from safetensors import SafetensorError
@@ -30,7 +30,6 @@ from vit_core._io import can_write_in_place, files_in_place, staged_folder
 from vit_core.backend import Outputs, backend_options, get_backend
 from vit_core.checkpoint import (
     non_finite_report,
-    read_keys,
     read_tensors,
     release_pages,
     resolve_files,
@@ -54,8 +53,8 @@ from vit_core.surgery import (
     select_model_type,
 )
 
-MODEL_TYPES = ("auto", "base", "classification")
 ModelType = Literal["auto", "base", "classification"]
+MODEL_TYPES: tuple[str, ...] = get_args(ModelType)
 
 
 @overload
@@ -181,17 +180,11 @@ def folder_outputs(folder: str | Path, backend: str, pixels: np.ndarray) -> Outp
     """A folder's outputs from one backend in float32: logits (if it has a classifier),
     last_hidden_state, and pooler_output (if its encoder has a pooler)."""
     twin = get_backend(backend)
-    config = ViTConfig.from_pretrained(folder)
-    kind = model_kind(read_keys(folder), config)
-    out: Outputs = {}
-    if kind.classifier:
-        model = load(folder, backend, dtype="float32", model_type="classification")
-        out["logits"] = twin.run(model, pixels)["logits"]
+    first = twin.run(load(folder, backend, dtype="float32"), pixels)  # the folder's own model
+    if "logits" not in first:  # a base model: its outputs are the encoder's
+        return first
     base = twin.run(load(folder, backend, dtype="float32", model_type="base"), pixels)
-    out["last_hidden_state"] = base["last_hidden_state"]
-    if "pooler_output" in base:
-        out["pooler_output"] = base["pooler_output"]
-    return out
+    return {"logits": first["logits"], **base}
 
 
 def save_folder(

@@ -28,7 +28,6 @@ from vit_flax.modeling import (
 )
 from vit_flax.weights import params_from_internal
 
-NAME = "flax"
 BATCH_AXIS = "batch"
 
 

@@ -24,7 +24,6 @@ from vit_core.layout import ModelKind
 from vit_torch.modeling import ViTForImageClassification, ViTModel
 from vit_torch.weights import assign_internal_weights
 
-NAME = "torch"
 QUANTIZATIONS = ("int8", "int8-static")  # `quantize=`: dynamic and static int8
 
 

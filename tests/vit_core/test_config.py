@@ -159,11 +159,11 @@ def test_one_reader_for_from_pretrained_load_and_construction(
     """`"qkv_bias": "false"` (a string Python takes as true) is refused alike by
     `from_pretrained`, by `vit_core.load` and by `ViTConfig(...)`: the field types are
     checked from the dataclass annotations, in one place."""
-    from vit_test_support import TINY_FIELDS
+    from vit_test_support import tiny_config
 
     import vit_core
 
-    data = {**ViTConfig(**TINY_FIELDS).to_dict(), field: value}
+    data = {**tiny_config().to_dict(), field: value}
     (tmp_path / "config.json").write_text(json.dumps(data))
     (tmp_path / "model.safetensors").write_bytes(b"")  # never read: the config fails first
     for read in (ViTConfig.from_pretrained, vit_core.load):
@@ -171,4 +171,4 @@ def test_one_reader_for_from_pretrained_load_and_construction(
             read(tmp_path)
         assert str(tmp_path / "config.json") in str(info.value)
     with pytest.raises(ConfigError, match=message):
-        ViTConfig(**{**TINY_FIELDS, field: value})
+        tiny_config(**{field: value})
