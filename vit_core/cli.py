@@ -301,6 +301,8 @@ def run_explain(args: argparse.Namespace) -> int:
     )
     width, height = figure_size_px(config.num_attention_heads, args.head_grid)
     pooled = "class-token row" if config.pooling_type == "cls" else "mean of the patch rows"
+    if config.num_register_tokens:
+        pooled += f" ({config.num_register_tokens} register tokens excluded)"
     (gh, gw), heads = config.grid_hw, config.num_attention_heads
     print(title)
     print(

@@ -40,13 +40,27 @@ ACTIVATIONS = (
     "tanh",
 )
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-POOLING_TYPES = ("cls", "mean")
+POOLING_TYPES = ("cls", "mean", "map")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 # Fields this package adds to transformers' ViTConfig. transformers keeps them as plain
 # attributes but ignores them, so a config that departs from their defaults computes a
 # different function there (see `transformers_compatible`).
-EXTENSION_FIELDS = {"use_class_token": True, "pooling_type": "cls", "classifier_uses_pooler": False}
+# The family switches (docs/families.md) are extensions too.
+EXTENSION_FIELDS: dict[str, Any] = {
+    "use_class_token": True,
+    "pooling_type": "cls",
+    "classifier_uses_pooler": False,
+    "num_register_tokens": 0,
+    "use_distillation_token": False,
+    "no_embed_class": False,
+    "layerscale_value": None,
+    "use_pre_norm": False,
+    "patch_embedding_bias": True,
+    "use_final_norm": True,
+    "use_fc_norm": False,
+    "use_swiglu_ffn": False,
+}
 # A config asking for more classes than this is refused before the label map is built.
 MAX_LABELS = 1_000_000
 # What a field's JSON value must be, in words, where its type alone says it too loosely.
@@ -57,6 +71,8 @@ _EXPECTED = {
     "id2label": 'an object of "index": "name" strings',
     "label2id": 'an object of "name": index',
     "architectures": "a list of strings",
+    "num_register_tokens": "an int >= 0",
+    "layerscale_value": "a finite number or null",
 }
 _EXPECTED_BY_TYPE: dict[Any, str] = {
     bool: "true or false",
@@ -86,13 +102,16 @@ class ViTConfig:
     """Architecture and label set of a ViT; validated on construction.
 
     `image_size` and `patch_size` take an int or a (height, width) pair, as in
-    transformers. The three extension fields (defaults = transformers' behaviour):
+    transformers. The extension fields (defaults = transformers' behaviour):
 
     - `use_class_token`: prepend a learned class token (False for big_vision `gap` models).
     - `pooling_type`: "cls" pools the class token, "mean" averages the patch tokens
-      (the class token, if any, excluded) after the final LayerNorm.
+      (the prefix tokens excluded), "map" pools by attention with a learned probe.
     - `classifier_uses_pooler`: the classifier reads the pooler's output (Dense + tanh,
       the JAX `pre_logits` layer of ImageNet-21k checkpoints) instead of the pooled token.
+    - the family switches of docs/families.md: `num_register_tokens`,
+      `use_distillation_token`, `no_embed_class`, `layerscale_value`, `use_pre_norm`,
+      `patch_embedding_bias`, `use_final_norm`, `use_fc_norm`, `use_swiglu_ffn`.
     """
 
     hidden_size: int = 768
@@ -115,6 +134,15 @@ class ViTConfig:
     use_class_token: bool = True
     pooling_type: str = "cls"
     classifier_uses_pooler: bool = False
+    num_register_tokens: int = 0
+    use_distillation_token: bool = False
+    no_embed_class: bool = False
+    layerscale_value: float | None = None
+    use_pre_norm: bool = False
+    patch_embedding_bias: bool = True
+    use_final_norm: bool = True
+    use_fc_norm: bool = False
+    use_swiglu_ffn: bool = False
     # The label fields settle each other in __post_init__ (transformers' defaults: 2 labels).
     num_labels: int = None  # type: ignore[assignment]
     id2label: dict[int, str] = None  # type: ignore[assignment]
@@ -181,8 +209,9 @@ class ViTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"ViTConfig.{name} must be a positive int; got {value!r}")
-        if self.num_labels < 0:
-            raise ConfigError(f"ViTConfig.num_labels must be >= 0; got {self.num_labels}")
+        for name in ("num_labels", "num_register_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ViTConfig.{name} must be >= 0; got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"ViTConfig.hidden_size={self.hidden_size} is not divisible by "
@@ -219,6 +248,18 @@ class ViTConfig:
                 "ViTConfig: use_class_token=False needs pooling_type='mean' "
                 "(there is no class token to pool)"
             )
+        if self.use_distillation_token and not (
+            self.use_class_token and self.pooling_type == "cls"
+        ):
+            raise ConfigError(
+                "ViTConfig: use_distillation_token=True needs use_class_token=True and "
+                "pooling_type='cls' (the two heads read the class and distillation tokens)"
+            )
+        if self.use_fc_norm and not self.use_final_norm:
+            raise ConfigError(
+                "ViTConfig: use_fc_norm=True moves the final LayerNorm after pooling; it needs "
+                "use_final_norm=True"
+            )
         if self.classifier_uses_pooler and self.pooler_output_size != self.hidden_size:
             raise ConfigError(
                 "ViTConfig: classifier_uses_pooler=True needs pooler_output_size == hidden_size"
@@ -245,13 +286,31 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.use_class_token)
+        """Tokens before the patches: class, distillation, registers (in that order)."""
+        return (
+            int(self.use_class_token) + int(self.use_distillation_token) + self.num_register_tokens
+        )
+
+    @property
+    def num_position_prefix(self) -> int:
+        """Rows of the position table before the patches' (none with `no_embed_class`)."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
 
     @property
     def num_positions(self) -> int:
-        """Rows of the position-embedding table: one per patch, plus the class token's."""
+        """Rows of the position-embedding table: one per patch, plus the prefix tokens'."""
         gh, gw = self.grid_hw
-        return gh * gw + self.num_prefix_tokens
+        return gh * gw + self.num_position_prefix
+
+    @property
+    def mlp_in_width(self) -> int:
+        """Output width of the first MLP layer: doubled for the gated (SwiGLU) MLP."""
+        return 2 * self.intermediate_size if self.use_swiglu_ffn else self.intermediate_size
+
+    @property
+    def has_token_norm(self) -> bool:
+        """Whether the final LayerNorm normalises every token (`layernorm`)."""
+        return self.use_final_norm and not self.use_fc_norm
 
     @property
     def head_dim(self) -> int:
@@ -433,5 +492,5 @@ _FIELD_TYPES = typing.get_type_hints(ViTConfig)
 _SIZE_FIELDS = frozenset(
     name
     for name, hint in _FIELD_TYPES.items()
-    if name != "num_labels" and hint in (int, int | tuple[int, int])
+    if name not in ("num_labels", "num_register_tokens") and hint in (int, int | tuple[int, int])
 )

@@ -18,8 +18,9 @@ Two maps are drawn:
 Which *rows* to show follows the pooling the classifier uses (`config.pooling_type`):
 for "cls" it is the class token's row; for "mean" (including models without a class
 token) it is the mean of the patch tokens' rows, because the pooled vector *is* the
-mean of the patch tokens and a rollout row is linear in what it summarises. The columns
-are always the patch tokens (prefix tokens dropped), reshaped to the patch grid.
+mean of the patch tokens and a rollout row is linear in what it summarises; a MAP head
+("map", SigLIP) shows the mean too. The columns are always the patch tokens (the prefix
+tokens, registers included, dropped), reshaped to the patch grid.
 
 Only numpy is needed, plus PIL to upsample; matplotlib is imported by `plot_explanation`
 alone, so computing maps never needs a plotting library.
@@ -35,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "map")
 PANEL_PX = 320  # pixel width and height of one panel of the figure
 PANEL_COLUMNS = 3  # image | rollout | last layer (mean of heads); head grid rows below
 DPI = 100
@@ -102,7 +103,8 @@ def attention_rollout(
 def pooled_rows(matrix: np.ndarray, num_prefix_tokens: int, pooling: str) -> np.ndarray:
     """The row(s) of a (..., T, T) matrix that the classifier reads, over the patch columns.
 
-    "cls": row 0 (the class token); "mean": the mean of the patch tokens' rows.
+    "cls": row 0 (the class token); "mean" and "map": the mean of the patch tokens' rows
+    (a MAP head's probe reads every token; its own attention is not part of the rollout).
     Returns (..., P) with P the number of patch tokens.
     """
     if pooling not in POOLINGS:

@@ -14,7 +14,7 @@ from typing import Any
 from vit_core.checkpoint import resolve_files
 from vit_core.config import EXTENSION_FIELDS, ViTConfig
 from vit_core.errors import CheckpointError
-from vit_core.layout import check_layout, model_kind
+from vit_core.layout import ModelKind, check_layout, model_kind
 from vit_core.safetensors_header import read_header
 
 
@@ -45,9 +45,12 @@ def folder_info(path: str | Path) -> dict[str, Any]:
         for k, v in EXTENSION_FIELDS.items()
         if getattr(config, k) != v
     ]
+    name, transformers_class = family(config, kind)
     return {
         "folder": str(weights.parent),
         "model": "ViTForImageClassification" if kind.classifier else "ViTModel",
+        "family": name,
+        "transformers_class": transformers_class if layout_problem is None else None,
         "pooler": kind.pooler,
         "config": config,
         "parameters": parameters,
@@ -58,6 +61,46 @@ def folder_info(path: str | Path) -> dict[str, Any]:
         "transformers_compatible": not departures and layout_problem is None,
         "departures": departures,
     }
+
+
+def family(config: ViTConfig, kind: ModelKind) -> tuple[str, str | None]:
+    """(the family a config belongs to, the transformers class that computes the same
+    function from the same weights, or None), judged from the switches (docs/families.md)."""
+    c = config
+    plain_blocks = c.layerscale_value is None and not c.use_swiglu_ffn
+    if c.transformers_compatible:
+        return "ViT", "ViTForImageClassification" if kind.classifier else "ViTModel"
+    if c.use_distillation_token:
+        if not plain_blocks or c.num_register_tokens or c.use_pre_norm:
+            return "DeiT (distilled) variant", None
+        return "DeiT (distilled)", (
+            "DeiTForImageClassificationWithTeacher" if kind.classifier else "DeiTModel"
+        )
+    if c.pooling_type == "map":
+        siglip = (
+            plain_blocks
+            and not (c.use_class_token or c.num_register_tokens or c.use_pre_norm)
+            and c.patch_embedding_bias
+            and c.has_token_norm
+            and not kind.classifier
+        )
+        return "SigLIP (MAP head)", "SiglipVisionModel" if siglip else None
+    if c.use_pre_norm and not c.patch_embedding_bias:
+        clip = plain_blocks and c.pooling_type == "cls" and not c.num_register_tokens
+        head = "CLIPVisionModelWithProjection (a head without bias)" if kind.classifier else None
+        return "CLIP", (head or "CLIPVisionModel") if clip and c.has_token_norm else None
+    if c.layerscale_value is not None and c.pooling_type == "cls" and c.has_token_norm:
+        if c.num_register_tokens:
+            dinov2 = c.no_embed_class and not kind.classifier
+            return "DINOv2 with registers", "Dinov2WithRegistersModel" if dinov2 else None
+        if not c.no_embed_class:
+            return "DINOv2", None if kind.classifier else "Dinov2Model"
+        return "DeiT-3", None
+    if c.num_register_tokens:
+        return "ViT with registers", None
+    if c.pooling_type == "mean":
+        return "ViT, average-pooled (gap)", None
+    return "ViT variant", None
 
 
 def _product(shape: list[int]) -> int:
@@ -81,11 +124,14 @@ def format_info(info: dict[str, Any]) -> str:
     lines = [
         f"folder:        {info['folder']}",
         f"model:         {info['model']}" + (" with pooler" if info["pooler"] else ""),
+        f"family:        {info['family']} (the same function in transformers: "
+        f"{info['transformers_class'] or 'none'})",
         f"architecture:  width {c.hidden_size}, {c.num_hidden_layers} layers, "
         f"{c.num_attention_heads} heads, MLP {c.intermediate_size}, patch {ph}x{pw}, "
         f"image {h}x{w} ({gh}x{gw} patches), {c.num_channels} channels",
         f"numerics:      layer_norm_eps {c.layer_norm_eps:g}, hidden_act {c.hidden_act}, "
-        f"pooling {c.pooling_type}, class token {'yes' if c.use_class_token else 'no'}",
+        f"pooling {c.pooling_type}, class token {'yes' if c.use_class_token else 'no'}, "
+        f"{c.num_register_tokens} register tokens",
         f"labels:        {c.num_labels}" + (f" ({labels}{more})" if c.num_labels else ""),
         f"parameters:    {info['parameters']:,}",
         f"file:          model.safetensors, {info['file_bytes'] / 2**20:.1f} MiB, dtypes "

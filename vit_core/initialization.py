@@ -43,8 +43,9 @@ def internal_shapes(config: ViTConfig, kind: ModelKind) -> dict[str, tuple[int, 
 def initial_weights(config: ViTConfig, kind: ModelKind, seed: int) -> dict[str, np.ndarray]:
     """Fresh float32 weights under the internal names (the torch twin's state-dict keys).
 
-    Truncated normal(`initializer_range`) for every Linear and Conv weight, the class
-    token and the position embeddings; zeros for biases; ones for LayerNorm scales.
+    Truncated normal(`initializer_range`) for every Linear and Conv weight, the learned
+    tokens (class, distillation, registers, the MAP probe) and the position embeddings;
+    zeros for biases; ones for LayerNorm scales; `layerscale_value` for LayerScale.
     One generator draws the tensors in the order of `vit_core.layout.TABLE` (each
     per-layer row for every layer, then the next row), so the head comes last: a base
     model and a classification model from one seed share their encoder's weights.
@@ -54,6 +55,8 @@ def initial_weights(config: ViTConfig, kind: ModelKind, seed: int) -> dict[str, 
     for name, shape in internal_shapes(config, kind).items():
         if name.endswith(".bias"):
             value = np.zeros(shape, np.float32)
+        elif name.endswith(".gamma"):  # LayerScale
+            value = np.full(shape, config.layerscale_value, np.float32)
         elif name.endswith(".weight") and len(shape) == 1:  # LayerNorm scales
             value = np.ones(shape, np.float32)
         else:

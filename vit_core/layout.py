@@ -8,8 +8,9 @@ On disk a model is a folder in Hugging Face transformers' ViT PyTorch layout:
 
 Keys of `ViTModel` (classification models prefix every key with `vit.` and add the
 top-level `classifier.*`). Symbols: D hidden_size, C num_channels, (Ph, Pw) patch size,
-T num_positions (patches + class token), I intermediate_size, Dp pooler_output_size,
-K num_labels, {i} the layer index 0..num_hidden_layers-1. Linear weights are
+T num_positions (patches + prefix tokens, see docs/families.md), R num_register_tokens,
+I intermediate_size, G the first MLP layer's width (2I for the gated MLP, else I),
+Dp pooler_output_size, K num_labels, {i} the layer index 0..num_hidden_layers-1. Linear weights are
 (out_features, in_features) and the patch projection is a Conv2d kernel (O, I, H, W),
 exactly as in transformers; the Flax twin transposes on load, never on disk.
 
@@ -37,68 +38,21 @@ LAYER = "encoder.layer.{i}."  # canonical
 BLOCK = "encoder.layers.{i}."  # internal
 
 
+def _always(config: ViTConfig, kind: ModelKind) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Entry:
-    """One canonical tensor: its key, symbolic shape, the internal name, and what it is."""
+    """One canonical tensor: its key, symbolic shape, the internal name, what it is, and
+    whether a model of (config, kind) has it."""
 
     key: str
     shape: tuple[str, ...]
     internal: str
     meaning: str
-
-
-# fmt: off
-TABLE: tuple[Entry, ...] = (
-    Entry("embeddings.cls_token", ("1", "1", "D"), "embeddings.cls_token",
-          "class token; absent when use_class_token is false"),
-    Entry("embeddings.position_embeddings", ("1", "T", "D"), "embeddings.position_embeddings",
-          "learned positions, class token's first, then patches row-major"),
-    Entry("embeddings.patch_embeddings.projection.weight", ("D", "C", "Ph", "Pw"),
-          "embeddings.patch_embeddings.weight", "patch projection, a stride-P Conv2d kernel"),
-    Entry("embeddings.patch_embeddings.projection.bias", ("D",),
-          "embeddings.patch_embeddings.bias", "patch projection bias"),
-    Entry(LAYER + "layernorm_before.weight", ("D",), BLOCK + "norm1.weight",
-          "pre-attention LayerNorm scale"),
-    Entry(LAYER + "layernorm_before.bias", ("D",), BLOCK + "norm1.bias",
-          "pre-attention LayerNorm shift"),
-    Entry(LAYER + "attention.attention.query.weight", ("D", "D"), BLOCK + "attention.qkv.weight",
-          "query projection (rows 0:D of the fused qkv)"),
-    Entry(LAYER + "attention.attention.query.bias", ("D",), BLOCK + "attention.qkv.bias",
-          "query bias; absent when qkv_bias is false"),
-    Entry(LAYER + "attention.attention.key.weight", ("D", "D"), BLOCK + "attention.qkv.weight",
-          "key projection (rows D:2D of the fused qkv)"),
-    Entry(LAYER + "attention.attention.key.bias", ("D",), BLOCK + "attention.qkv.bias",
-          "key bias; absent when qkv_bias is false"),
-    Entry(LAYER + "attention.attention.value.weight", ("D", "D"), BLOCK + "attention.qkv.weight",
-          "value projection (rows 2D:3D of the fused qkv)"),
-    Entry(LAYER + "attention.attention.value.bias", ("D",), BLOCK + "attention.qkv.bias",
-          "value bias; absent when qkv_bias is false"),
-    Entry(LAYER + "attention.output.dense.weight", ("D", "D"), BLOCK + "attention.proj.weight",
-          "attention output projection, heads concatenated in order"),
-    Entry(LAYER + "attention.output.dense.bias", ("D",), BLOCK + "attention.proj.bias",
-          "attention output bias"),
-    Entry(LAYER + "layernorm_after.weight", ("D",), BLOCK + "norm2.weight",
-          "pre-MLP LayerNorm scale"),
-    Entry(LAYER + "layernorm_after.bias", ("D",), BLOCK + "norm2.bias",
-          "pre-MLP LayerNorm shift"),
-    Entry(LAYER + "intermediate.dense.weight", ("I", "D"), BLOCK + "mlp.fc1.weight",
-          "MLP expansion"),
-    Entry(LAYER + "intermediate.dense.bias", ("I",), BLOCK + "mlp.fc1.bias", "MLP expansion bias"),
-    Entry(LAYER + "output.dense.weight", ("D", "I"), BLOCK + "mlp.fc2.weight",
-          "MLP contraction"),
-    Entry(LAYER + "output.dense.bias", ("D",), BLOCK + "mlp.fc2.bias", "MLP contraction bias"),
-    Entry("layernorm.weight", ("D",), "layernorm.weight", "final LayerNorm scale"),
-    Entry("layernorm.bias", ("D",), "layernorm.bias", "final LayerNorm shift"),
-    Entry("pooler.dense.weight", ("Dp", "D"), "pooler.dense.weight",
-          "pooler Dense (tanh follows); the JAX pre_logits layer"),
-    Entry("pooler.dense.bias", ("Dp",), "pooler.dense.bias", "pooler bias"),
-    Entry("classifier.weight", ("K", "D"), "classifier.weight",
-          "classification head (top level, no vit. prefix); absent when K = 0"),
-    Entry("classifier.bias", ("K",), "classifier.bias", "classification head bias"),
-)
-# fmt: on
-QKV = ("query", "key", "value")
-_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+    when: Callable[[ViTConfig, ModelKind], bool] = _always
+    condition: str = ""  # `when` in words, for the docs
 
 
 @dataclass(frozen=True)
@@ -113,9 +67,125 @@ class ModelKind:
         return BASE_PREFIX if self.classifier else ""
 
 
+def _entries(
+    rows: tuple[tuple[str, tuple[str, ...], str, str], ...],
+    when: Callable[[ViTConfig, ModelKind], bool],
+    condition: str,
+) -> tuple[Entry, ...]:
+    return tuple(Entry(*row, when=when, condition=condition) for row in rows)
+
+
+def _has_map_head(c: ViTConfig, k: ModelKind) -> bool:
+    return c.pooling_type == "map"
+
+
+# fmt: off
+TABLE: tuple[Entry, ...] = (
+    Entry("embeddings.cls_token", ("1", "1", "D"), "embeddings.cls_token", "class token",
+          lambda c, k: c.use_class_token, "use_class_token"),
+    Entry("embeddings.distillation_token", ("1", "1", "D"), "embeddings.distillation_token",
+          "distillation token (DeiT), after the class token",
+          lambda c, k: c.use_distillation_token, "use_distillation_token"),
+    Entry("embeddings.register_tokens", ("1", "R", "D"), "embeddings.register_tokens",
+          "register tokens, after the class and distillation tokens",
+          lambda c, k: c.num_register_tokens > 0, "num_register_tokens > 0"),
+    Entry("embeddings.position_embeddings", ("1", "T", "D"), "embeddings.position_embeddings",
+          "learned positions: the prefix tokens' (unless no_embed_class), then the patches "
+          "row-major"),
+    Entry("embeddings.patch_embeddings.projection.weight", ("D", "C", "Ph", "Pw"),
+          "embeddings.patch_embeddings.weight", "patch projection, a stride-P Conv2d kernel"),
+    Entry("embeddings.patch_embeddings.projection.bias", ("D",),
+          "embeddings.patch_embeddings.bias", "patch projection bias",
+          lambda c, k: c.patch_embedding_bias, "patch_embedding_bias"),
+    *_entries((
+        ("pre_layrnorm.weight", ("D",), "norm_pre.weight", "LayerNorm before the blocks (CLIP)"),
+        ("pre_layrnorm.bias", ("D",), "norm_pre.bias", "its shift"),
+    ), lambda c, k: c.use_pre_norm, "use_pre_norm"),
+    Entry(LAYER + "layernorm_before.weight", ("D",), BLOCK + "norm1.weight",
+          "pre-attention LayerNorm scale"),
+    Entry(LAYER + "layernorm_before.bias", ("D",), BLOCK + "norm1.bias",
+          "pre-attention LayerNorm shift"),
+    Entry(LAYER + "attention.attention.query.weight", ("D", "D"), BLOCK + "attention.qkv.weight",
+          "query projection (rows 0:D of the fused qkv)"),
+    Entry(LAYER + "attention.attention.query.bias", ("D",), BLOCK + "attention.qkv.bias",
+          "query bias", lambda c, k: c.qkv_bias, "qkv_bias"),
+    Entry(LAYER + "attention.attention.key.weight", ("D", "D"), BLOCK + "attention.qkv.weight",
+          "key projection (rows D:2D of the fused qkv)"),
+    Entry(LAYER + "attention.attention.key.bias", ("D",), BLOCK + "attention.qkv.bias",
+          "key bias", lambda c, k: c.qkv_bias, "qkv_bias"),
+    Entry(LAYER + "attention.attention.value.weight", ("D", "D"), BLOCK + "attention.qkv.weight",
+          "value projection (rows 2D:3D of the fused qkv)"),
+    Entry(LAYER + "attention.attention.value.bias", ("D",), BLOCK + "attention.qkv.bias",
+          "value bias", lambda c, k: c.qkv_bias, "qkv_bias"),
+    Entry(LAYER + "attention.output.dense.weight", ("D", "D"), BLOCK + "attention.proj.weight",
+          "attention output projection, heads concatenated in order"),
+    Entry(LAYER + "attention.output.dense.bias", ("D",), BLOCK + "attention.proj.bias",
+          "attention output bias"),
+    Entry(LAYER + "layer_scale1.lambda1", ("D",), BLOCK + "ls1.gamma",
+          "LayerScale of the attention branch", lambda c, k: c.layerscale_value is not None,
+          "layerscale_value set"),
+    Entry(LAYER + "layernorm_after.weight", ("D",), BLOCK + "norm2.weight",
+          "pre-MLP LayerNorm scale"),
+    Entry(LAYER + "layernorm_after.bias", ("D",), BLOCK + "norm2.bias",
+          "pre-MLP LayerNorm shift"),
+    Entry(LAYER + "intermediate.dense.weight", ("G", "D"), BLOCK + "mlp.fc1.weight",
+          "MLP expansion (G = 2I gated halves with use_swiglu_ffn, else I)"),
+    Entry(LAYER + "intermediate.dense.bias", ("G",), BLOCK + "mlp.fc1.bias", "MLP expansion bias"),
+    Entry(LAYER + "output.dense.weight", ("D", "I"), BLOCK + "mlp.fc2.weight",
+          "MLP contraction"),
+    Entry(LAYER + "output.dense.bias", ("D",), BLOCK + "mlp.fc2.bias", "MLP contraction bias"),
+    Entry(LAYER + "layer_scale2.lambda1", ("D",), BLOCK + "ls2.gamma",
+          "LayerScale of the MLP branch", lambda c, k: c.layerscale_value is not None,
+          "layerscale_value set"),
+    *_entries((
+        ("layernorm.weight", ("D",), "layernorm.weight", "final LayerNorm scale, on every token"),
+        ("layernorm.bias", ("D",), "layernorm.bias", "final LayerNorm shift"),
+    ), lambda c, k: c.has_token_norm, "use_final_norm and not use_fc_norm"),
+    *_entries((
+        ("head.probe", ("1", "1", "D"), "head.probe", "MAP head: the learned query"),
+        ("head.attention.in_proj_weight", ("3D", "D"), "head.attention.qkv.weight",
+         "MAP head attention: query (on the probe), key, value rows"),
+        ("head.attention.in_proj_bias", ("3D",), "head.attention.qkv.bias", "their biases"),
+        ("head.attention.out_proj.weight", ("D", "D"), "head.attention.proj.weight",
+         "MAP head attention output"),
+        ("head.attention.out_proj.bias", ("D",), "head.attention.proj.bias", "its bias"),
+        ("head.layernorm.weight", ("D",), "head.norm.weight", "MAP head LayerNorm scale"),
+        ("head.layernorm.bias", ("D",), "head.norm.bias", "MAP head LayerNorm shift"),
+        ("head.mlp.fc1.weight", ("I", "D"), "head.mlp.fc1.weight", "MAP head MLP expansion"),
+        ("head.mlp.fc1.bias", ("I",), "head.mlp.fc1.bias", "its bias"),
+        ("head.mlp.fc2.weight", ("D", "I"), "head.mlp.fc2.weight", "MAP head MLP contraction"),
+        ("head.mlp.fc2.bias", ("D",), "head.mlp.fc2.bias", "its bias"),
+    ), _has_map_head, "pooling_type == 'map'"),
+    *_entries((
+        ("fc_norm.weight", ("D",), "fc_norm.weight", "final LayerNorm scale, after pooling"),
+        ("fc_norm.bias", ("D",), "fc_norm.bias", "its shift"),
+    ), lambda c, k: c.use_final_norm and c.use_fc_norm, "use_fc_norm"),
+    *_entries((
+        ("pooler.dense.weight", ("Dp", "D"), "pooler.dense.weight",
+         "pooler Dense (tanh follows); the JAX pre_logits layer"),
+        ("pooler.dense.bias", ("Dp",), "pooler.dense.bias", "pooler bias"),
+    ), lambda c, k: k.pooler, "a pooler"),
+    *_entries((
+        ("classifier.weight", ("K", "D"), "classifier.weight",
+         "classification head (top level, no vit. prefix)"),
+        ("classifier.bias", ("K",), "classifier.bias", "classification head bias"),
+    ), lambda c, k: k.classifier and c.num_labels > 0, "a classifier, K > 0"),
+    *_entries((
+        ("distillation_classifier.weight", ("K", "D"), "distillation_classifier.weight",
+         "DeiT's second head, on the distillation token (top level)"),
+        ("distillation_classifier.bias", ("K",), "distillation_classifier.bias", "its bias"),
+    ), lambda c, k: k.classifier and c.num_labels > 0 and c.use_distillation_token,
+       "a classifier with use_distillation_token"),
+)
+# fmt: on
+HEADS = ("classifier.", "distillation_classifier.")  # top-level keys: no `vit.` prefix
+QKV = ("query", "key", "value")
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
 def model_kind(keys: set[str] | Mapping[str, object], config: ViTConfig) -> ModelKind:
     """Tell a classification checkpoint from a base-model one by its keys."""
-    classifier = any(k.startswith(BASE_PREFIX) or k.startswith("classifier.") for k in keys)
+    classifier = any(k.startswith((BASE_PREFIX, *HEADS)) for k in keys)
     pooler = f"{BASE_PREFIX if classifier else ''}pooler.dense.weight" in keys
     return ModelKind(
         classifier=classifier, pooler=pooler or (classifier and config.classifier_uses_pooler)
@@ -131,22 +201,13 @@ def _dims(config: ViTConfig) -> dict[str, int]:
         "Ph": ph,
         "Pw": pw,
         "T": config.num_positions,
+        "R": config.num_register_tokens,
+        "3D": 3 * config.hidden_size,
         "I": config.intermediate_size,
+        "G": config.mlp_in_width,
         "Dp": config.pooler_output_size,
         "K": config.num_labels,
     }
-
-
-def _present(entry: Entry, config: ViTConfig, kind: ModelKind) -> bool:
-    if entry.key == "embeddings.cls_token":
-        return config.use_class_token
-    if entry.key.startswith("pooler."):
-        return kind.pooler
-    if entry.key.startswith("classifier."):
-        return kind.classifier and config.num_labels > 0
-    if ".attention.attention." in entry.key and entry.key.endswith(".bias"):
-        return config.qkv_bias
-    return True
 
 
 def expected_shapes(config: ViTConfig, kind: ModelKind) -> dict[str, tuple[int, ...]]:
@@ -154,10 +215,10 @@ def expected_shapes(config: ViTConfig, kind: ModelKind) -> dict[str, tuple[int, 
     dims = _dims(config)
     shapes: dict[str, tuple[int, ...]] = {}
     for entry in TABLE:
-        if not _present(entry, config, kind):
+        if not entry.when(config, kind):
             continue
         shape = tuple(dims[s] for s in entry.shape)
-        prefix = "" if entry.key.startswith("classifier.") else kind.prefix
+        prefix = "" if entry.key.startswith(HEADS) else kind.prefix
         layers = range(config.num_hidden_layers) if "{i}" in entry.key else [None]
         for i in layers:
             shapes[prefix + entry.key.format(i=i)] = shape
@@ -211,7 +272,7 @@ def _internal_name(key: str) -> str:
 
 
 def _split_prefix(key: str, kind: ModelKind) -> tuple[str, str]:
-    """(prefix, rest): the `vit.` prefix applies to everything but the classifier."""
+    """(prefix, rest): the `vit.` prefix applies to everything but the heads."""
     if kind.prefix and key.startswith(kind.prefix):
         return kind.prefix, key[len(kind.prefix) :]
     return "", key
@@ -264,6 +325,9 @@ def to_canonical(internal: Mapping[str, np.ndarray], kind: ModelKind) -> dict[st
 
 def layout_markdown() -> str:
     """The table above as Markdown, for the docs."""
-    rows = ["| key | shape | meaning |", "|---|---|---|"]
-    rows += [f"| `{e.key}` | ({', '.join(e.shape)}) | {e.meaning} |" for e in TABLE]
+    rows = ["| key | shape | meaning | present when |", "|---|---|---|---|"]
+    rows += [
+        f"| `{e.key}` | ({', '.join(e.shape)}) | {e.meaning} | {e.condition or 'always'} |"
+        for e in TABLE
+    ]
     return "\n".join(rows)

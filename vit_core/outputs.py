@@ -37,9 +37,13 @@ class ModelOutput:
 
 @dataclass
 class BaseModelOutputWithPooling(ModelOutput):
-    """`last_hidden_state` (B, T, D) after the final LayerNorm; `pooler_output` (B, Dp)
-    or None; `hidden_states`: the embeddings then each layer's output, before the final
-    LayerNorm (L + 1 tensors); `attentions`: per layer (B, heads, T, T)."""
+    """`last_hidden_state` (B, T, D): every token (prefix tokens first) after the final
+    LayerNorm; `pooler_output` (B, Dp): the Dense+tanh pooler's output where the model has
+    one; without one, None for a transformers ViT config (as transformers returns) and the
+    image embedding for the other families (the pooled token, after `fc_norm`, or the MAP
+    head; docs/families.md); `hidden_states`: the embeddings (after `pre_layrnorm`) then each
+    layer's output, before the final LayerNorm (L + 1 tensors); `attentions`: per layer
+    (B, heads, T, T)."""
 
     last_hidden_state: Any = None
     pooler_output: Any = None
@@ -49,9 +53,13 @@ class BaseModelOutputWithPooling(ModelOutput):
 
 @dataclass
 class ImageClassifierOutput(ModelOutput):
-    """`loss` only when labels were given; `logits` (B, num_labels)."""
+    """`loss` only when labels were given; `logits` (B, num_labels). A distilled model
+    (DeiT) also returns `cls_logits` and `distillation_logits`, its two heads; `logits` is
+    their mean, as transformers' `DeiTForImageClassificationWithTeacher` returns."""
 
     loss: Any = None
     logits: Any = None
     hidden_states: tuple[Any, ...] | None = None
     attentions: tuple[Any, ...] | None = None
+    cls_logits: Any = None
+    distillation_logits: Any = None

@@ -20,7 +20,7 @@ from vit_core.checkpoint import CONVERT_HINT
 from vit_core.config import ViTConfig
 from vit_core.errors import CheckpointError, ConfigError, LayoutError
 from vit_core.initialization import truncated_normal
-from vit_core.layout import BASE_PREFIX, ModelKind, check_layout, expected_shapes
+from vit_core.layout import BASE_PREFIX, HEADS, ModelKind, check_layout, expected_shapes
 from vit_core.resample import (
     DEFAULT_INTERPOLATION,
     check_interpolation,
@@ -71,7 +71,7 @@ def resize_for_image_size(
         return tensors, resized
     key = kind.prefix + "embeddings.position_embeddings"
     table = resample_position_embeddings(
-        tensors[key], config.grid_hw, resized.grid_hw, config.num_prefix_tokens, interpolation
+        tensors[key], config.grid_hw, resized.grid_hw, config.num_position_prefix, interpolation
     )
     return {**tensors, key: table}, resized
 
@@ -99,7 +99,7 @@ def replace_head(
                 "give one of them, or make them agree"
             )
     new_config = dataclasses.replace(config, **labels)
-    kept = {k: v for k, v in tensors.items() if not k.startswith("classifier.")}
+    kept = {k: v for k, v in tensors.items() if not k.startswith(HEADS)}
     if kind.classifier:
         new_kind = kind
     else:  # the classification twin has a pooler only when its classifier reads it
@@ -110,11 +110,15 @@ def replace_head(
             if new_kind.pooler or not k.startswith("pooler.")
         }
     if num_labels > 0:
-        dtype = kept[BASE_PREFIX + "layernorm.weight"].dtype
+        dtype = kept[BASE_PREFIX + "embeddings.position_embeddings"].dtype
         rng = np.random.default_rng(seed)
-        weight = truncated_normal(rng, (num_labels, config.hidden_size), config.initializer_range)
-        kept["classifier.weight"] = weight.astype(dtype)
-        kept["classifier.bias"] = np.zeros(num_labels, dtype)
+        heads = HEADS if config.use_distillation_token else HEADS[:1]
+        for head in heads:  # DeiT: the distillation head is new too
+            weight = truncated_normal(
+                rng, (num_labels, config.hidden_size), config.initializer_range
+            )
+            kept[head + "weight"] = weight.astype(dtype)
+            kept[head + "bias"] = np.zeros(num_labels, dtype)
     return kept, new_config, new_kind
 
 
@@ -131,7 +135,10 @@ def check_depth(tensors: Mapping[str, np.ndarray], config: ViTConfig, source: Pa
 
 # Key shapes of other layouts, to say what a mixed or unconverted file holds.
 _FOREIGN_LAYOUTS = (
-    (r"^(module\.)?(blocks\.\d+\.|patch_embed\.|pos_embed$|cls_token$|head\.|fc_norm\.)", "timm"),
+    (
+        r"^(module\.)?(blocks\.\d+\.|patch_embed\.|pos_embed$|cls_token$|head\.(weight|bias)$|norm\.)",
+        "timm",
+    ),
     (r"(^|/)(Transformer|encoderblock_\d+|embedding|head)(/|$)", "original JAX / big_vision"),
     (r"^(module|model)\.(vit\.|embeddings\.|encoder\.)", "a wrapped (DDP or Lightning) state dict"),
     (r"\.(kernel|scale)$", "Flax"),
@@ -164,7 +171,7 @@ def check_layout_with_hint(
         wrong = (set(expected) ^ set(tensors)) | {
             k for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]
         }
-        if all(k.startswith("classifier.") for k in wrong):
+        if all(k.startswith(HEADS) for k in wrong):
             raise LayoutError(
                 f"{message} | to train a new head instead, load with num_labels=N "
                 "(the classifier is then re-initialised, every other weight kept)"
@@ -189,7 +196,7 @@ def checked_new_head(
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 0:
         raise ConfigError(f"num_labels must be an int >= 0; got {num_labels!r}")
     # The old head may have any size (that is the point), but the rest must fit the config.
-    encoder = {k: v for k, v in tensors.items() if not k.startswith("classifier.")}
+    encoder = {k: v for k, v in tensors.items() if not k.startswith(HEADS)}
     no_labels: dict[str, Any] = {"num_labels": 0, "id2label": None, "label2id": None}
     encoder_config = dataclasses.replace(config, **no_labels)
     check_layout(encoder, encoder_config, kind, source)

@@ -72,7 +72,8 @@ def _layer_norm(config: ViTConfig, dtype: Any, name: str) -> nn.LayerNorm:
 
 
 class ViTEmbeddings(nn.Module):
-    """Patches -> tokens: stride-P convolution, class token, position embeddings, dropout."""
+    """Patches -> tokens: stride-P convolution, the prefix tokens (class, distillation,
+    registers), position embeddings, dropout (docs/families.md gives the order)."""
 
     config: ViTConfig
     dtype: Any = jnp.float32
@@ -81,7 +82,7 @@ class ViTEmbeddings(nn.Module):
         """Position embeddings for a `grid` of patches, resampled when it differs from training."""
         if grid == self.config.grid_hw:
             return table
-        prefix = self.config.num_prefix_tokens
+        prefix = self.config.num_position_prefix
         rows, cols = (
             jnp.asarray(m, table.dtype)
             for m in grid_resize_matrices(self.config.grid_hw, grid, interpolation)
@@ -102,21 +103,29 @@ class ViTEmbeddings(nn.Module):
             patch,
             strides=patch,
             padding="VALID",
+            use_bias=config.patch_embedding_bias,
             dtype=self.dtype,
             kernel_init=init,
             name="patch_embeddings",
         )(pixels_nhwc)
         batch, grid = x.shape[0], (x.shape[1], x.shape[2])
         x = x.reshape(batch, -1, dim)
+        tokens = []
         if config.use_class_token:
-            cls_token = self.param("cls_token", init, (1, 1, dim))
-            x = jnp.concatenate(
-                [jnp.broadcast_to(cls_token, (batch, 1, dim)).astype(x.dtype), x], axis=1
-            )
+            tokens.append(self.param("cls_token", init, (1, 1, dim)))
+        if config.use_distillation_token:
+            tokens.append(self.param("distillation_token", init, (1, 1, dim)))
+        if config.num_register_tokens:
+            tokens.append(self.param("register_tokens", init, (1, config.num_register_tokens, dim)))
         table = self.param("position_embeddings", init, (1, config.num_positions, dim))
         if interpolate_pos_encoding:
             table = self.positions_for(table, grid, interpolation_mode(interpolate_pos_encoding))
-        x = x + table.astype(x.dtype)
+        positions = table.astype(x.dtype)
+        prefix = [jnp.broadcast_to(t, (batch, *t.shape[1:])).astype(x.dtype) for t in tokens]
+        if config.no_embed_class:
+            x = jnp.concatenate([*prefix, x + positions], axis=1)
+        else:
+            x = jnp.concatenate([*prefix, x], axis=1) + positions
         return nn.Dropout(config.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
@@ -143,21 +152,41 @@ class ViTAttention(nn.Module):
 
 
 class ViTMlp(nn.Module):
+    """fc1, activation, fc2; `gated`: fc1 gives two halves, activation(first) * second
+    (SwiGLU, `use_swiglu_ffn`)."""
+
     config: ViTConfig
+    gated: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
-        config = self.config
-        x = activation(config.hidden_act)(
-            _dense(config.intermediate_size, config, self.dtype, "fc1")(x)
-        )
+        config, width = self.config, self.config.intermediate_size
+        x = _dense(2 * width if self.gated else width, config, self.dtype, "fc1")(x)
+        if self.gated:
+            gate, x = jnp.split(x, 2, axis=-1)
+            x = activation(config.hidden_act)(gate) * x
+        else:
+            x = activation(config.hidden_act)(x)
         x = _dense(config.hidden_size, config, self.dtype, "fc2")(x)
         return nn.Dropout(config.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
+class ViTLayerScale(nn.Module):
+    """A learned per-channel scale on a residual branch (CaiT, DeiT-3, DINOv2)."""
+
+    config: ViTConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = nn.initializers.constant(self.config.layerscale_value or 0.0)
+        gamma = self.param("gamma", init, (self.config.hidden_size,))
+        return x * gamma.astype(self.dtype)
+
+
 class ViTLayer(nn.Module):
-    """Pre-norm block: x + attention(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm block: x + ls1(attention(norm1(x))), then x + ls2(mlp(norm2(x)))."""
 
     config: ViTConfig
     dtype: Any = jnp.float32
@@ -165,13 +194,19 @@ class ViTLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> tuple[Array, Array]:
         config, dtype = self.config, self.dtype
+        scaled = config.layerscale_value is not None
         attended, probs = ViTAttention(config, dtype, name="attention")(
             _layer_norm(config, dtype, "norm1")(x), deterministic
         )
+        if scaled:
+            attended = ViTLayerScale(config, dtype, name="ls1")(attended)
         x = x + attended
-        return x + ViTMlp(config, dtype, name="mlp")(
+        mlp_out = ViTMlp(config, config.use_swiglu_ffn, dtype, name="mlp")(
             _layer_norm(config, dtype, "norm2")(x), deterministic
-        ), probs
+        )
+        if scaled:
+            mlp_out = ViTLayerScale(config, dtype, name="ls2")(mlp_out)
+        return x + mlp_out, probs
 
 
 class ViTEncoder(nn.Module):
@@ -194,6 +229,48 @@ class ViTEncoder(nn.Module):
         )
 
 
+class ViTProbeAttention(nn.Module):
+    """Attention from one learned probe to every token: the query projection reads the
+    probe, key and value the tokens (rows 0:D, D:2D, 2D:3D of one fused projection, as
+    `nn.MultiheadAttention` stores them)."""
+
+    config: ViTConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, probe: Array, x: Array) -> Array:
+        config = self.config
+        batch, tokens, dim = x.shape
+        heads = config.num_attention_heads
+        qkv = _dense(3 * dim, config, self.dtype, "qkv")
+        q = qkv(probe)[..., :dim].reshape(batch, 1, heads, -1).transpose(0, 2, 1, 3)
+        kv = qkv(x)[..., dim:].reshape(batch, tokens, 2, heads, -1)
+        k, v = jnp.transpose(kv, (2, 0, 3, 1, 4))
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) * config.head_dim**-0.5
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3).reshape(batch, 1, dim)
+        return _dense(dim, config, self.dtype, "proj")(out)
+
+
+class ViTMAPHead(nn.Module):
+    """Multihead attention pooling (big_vision `MAPHead`, SigLIP): a learned probe attends
+    to the tokens, then a residual MLP; the image embedding is the probe's output."""
+
+    config: ViTConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        config, dtype = self.config, self.dtype
+        probe = self.param("probe", _truncated_normal(config), (1, 1, config.hidden_size))
+        probe = jnp.broadcast_to(probe, (x.shape[0], 1, config.hidden_size)).astype(x.dtype)
+        h = ViTProbeAttention(config, dtype, name="attention")(probe, x)
+        h = h + ViTMlp(config, False, dtype, name="mlp")(
+            _layer_norm(config, dtype, "norm")(h), deterministic
+        )
+        return h[:, 0]
+
+
 class ViTPooler(nn.Module):
     """Dense + activation over the pooled token (the JAX `pre_logits` layer)."""
 
@@ -209,14 +286,27 @@ class ViTPooler(nn.Module):
 
 
 def pool(x: Array, config: ViTConfig) -> Array:
-    """The class token, or the mean of the patch tokens (`config.pooling_type`)."""
+    """The class token, or the mean of the patch tokens (`config.pooling_type` cls / mean)."""
     if config.pooling_type == "mean":
         return x[:, config.num_prefix_tokens :].mean(axis=1)
     return x[:, 0]
 
 
+def unpooled(embedding: Array, config: ViTConfig) -> Array | None:
+    """`pooler_output` of a model without a pooling layer: None for a transformers ViT
+    (its `ViTModel(add_pooling_layer=False)` returns none), else the family's image
+    embedding, as its transformers class returns it (DINOv2, CLIP, SigLIP)."""
+    return None if config.transformers_compatible else embedding
+
+
+def _layer_norm_if(condition: bool, config: ViTConfig, dtype: Any, name: str) -> nn.Module | None:
+    """A LayerNorm over the width where the config has one, else None."""
+    return _layer_norm(config, dtype, name) if condition else None
+
+
 class ViTModule(nn.Module):
-    """The encoder: `last_hidden_state` and, with a pooling layer, `pooler_output`."""
+    """The encoder: `last_hidden_state` (every token) and `pooler_output` (the pooling
+    layer's output where there is one, else the image embedding: docs/families.md)."""
 
     config: ViTConfig
     add_pooling_layer: bool = True
@@ -235,20 +325,35 @@ class ViTModule(nn.Module):
         x = ViTEmbeddings(config, dtype, name="embeddings")(
             pixels_nhwc, interpolate_pos_encoding, deterministic
         )
+        if (norm_pre := _layer_norm_if(config.use_pre_norm, config, dtype, "norm_pre")) is not None:
+            x = norm_pre(x)
         x, hidden_states, attentions = ViTEncoder(config, dtype, name="encoder")(
             x, deterministic, output_attentions, output_hidden_states
         )
-        x = _layer_norm(config, dtype, "layernorm")(x)
+        if (
+            layernorm := _layer_norm_if(config.has_token_norm, config, dtype, "layernorm")
+        ) is not None:
+            x = layernorm(x)
+        if config.pooling_type == "map":
+            embedding = ViTMAPHead(config, dtype, name="head")(x, deterministic)
+        else:
+            embedding = pool(x, config)
+        fc_norm = _layer_norm_if(
+            config.use_final_norm and config.use_fc_norm, config, dtype, "fc_norm"
+        )
+        if fc_norm is not None:
+            embedding = fc_norm(embedding)
         pooled = (
-            ViTPooler(config, dtype, name="pooler")(pool(x, config))
+            ViTPooler(config, dtype, name="pooler")(embedding)
             if self.add_pooling_layer
-            else None
+            else unpooled(embedding, config)
         )
         return BaseModelOutputWithPooling(x, pooled, hidden_states, attentions)
 
 
 class ViTForImageClassificationModule(nn.Module):
-    """ViT + a linear classifier on the pooled token (or on the pooler, if the config says)."""
+    """ViT + a linear classifier on the image embedding (or on the pooler, if the config
+    says); a distilled model (DeiT) has a second head on the distillation token."""
 
     config: ViTConfig
     dtype: Any = jnp.float32
@@ -271,18 +376,30 @@ class ViTForImageClassificationModule(nn.Module):
             output_hidden_states,
             interpolate_pos_encoding,
         )
-        features = (
-            base.pooler_output
-            if config.classifier_uses_pooler
-            else pool(base.last_hidden_state, config)
-        )
-        logits = (
-            _dense(config.num_labels, config, self.dtype, "classifier")(features)
-            if config.num_labels
-            else features
-        )
+        cls_logits = distillation_logits = None
+        features = base.pooler_output
+        if features is None:
+            features = pool(base.last_hidden_state, config)
+        if not config.num_labels:
+            logits = features
+        elif config.use_distillation_token:
+            tokens = base.last_hidden_state
+            cls_logits = _dense(config.num_labels, config, self.dtype, "classifier")(tokens[:, 0])
+            distillation_logits = _dense(
+                config.num_labels, config, self.dtype, "distillation_classifier"
+            )(tokens[:, 1])
+            logits = (cls_logits + distillation_logits) / 2
+        else:
+            logits = _dense(config.num_labels, config, self.dtype, "classifier")(features)
         loss = classification_loss(logits, labels, config) if labels is not None else None
-        return ImageClassifierOutput(loss, logits, base.hidden_states, base.attentions)
+        return ImageClassifierOutput(
+            loss,
+            logits,
+            base.hidden_states,
+            base.attentions,
+            cls_logits,
+            distillation_logits,
+        )
 
 
 def classification_loss(logits: Array, labels: Array, config: ViTConfig) -> Array:

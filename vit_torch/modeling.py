@@ -39,23 +39,31 @@ class _QuickGELU(nn.Module):
 
 
 class ViTEmbeddings(nn.Module):
-    """Patches -> tokens: stride-P convolution, class token, position embeddings, dropout."""
+    """Patches -> tokens: stride-P convolution, the prefix tokens (class, distillation,
+    registers), position embeddings, dropout (docs/families.md gives the order)."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.config = config
-        dim, prefix = config.hidden_size, config.num_prefix_tokens
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if prefix else None
+        dim = config.hidden_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.use_class_token else None
+        self.distillation_token = (
+            nn.Parameter(torch.zeros(1, 1, dim)) if config.use_distillation_token else None
+        )
+        registers = config.num_register_tokens
+        self.register_tokens = nn.Parameter(torch.zeros(1, registers, dim)) if registers else None
         self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_positions, dim))
         patch = config.patch_hw
-        self.patch_embeddings = nn.Conv2d(config.num_channels, dim, patch, stride=patch)
+        self.patch_embeddings = nn.Conv2d(
+            config.num_channels, dim, patch, stride=patch, bias=config.patch_embedding_bias
+        )
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def positions_for(self, grid: tuple[int, int], interpolation: str) -> torch.Tensor:
         """Position embeddings for a `grid` of patches, resampled when it differs from training."""
         if grid == self.config.grid_hw:
             return self.position_embeddings
-        prefix = self.config.num_prefix_tokens
+        prefix = self.config.num_position_prefix
         table = self.position_embeddings
         rows, cols = (
             torch.tensor(m, dtype=table.dtype)
@@ -73,12 +81,19 @@ class ViTEmbeddings(nn.Module):
         x = self.patch_embeddings(pixel_values)
         grid = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if interpolate_pos_encoding:
-            x = x + self.positions_for(grid, interpolation_mode(interpolate_pos_encoding))
+            positions = self.positions_for(grid, interpolation_mode(interpolate_pos_encoding))
         else:
-            x = x + self.position_embeddings
+            positions = self.position_embeddings
+        prefix = [
+            token.expand(x.shape[0], -1, -1)
+            for token in (self.cls_token, self.distillation_token, self.register_tokens)
+            if token is not None
+        ]
+        if self.config.no_embed_class:
+            x = torch.cat([*prefix, x + positions], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + positions
         return self.dropout(x)
 
 
@@ -115,33 +130,58 @@ class ViTAttention(nn.Module):
 
 
 class ViTMlp(nn.Module):
-    def __init__(self, config: ViTConfig) -> None:
+    """fc1, activation, fc2; `gated`: fc1 gives two halves, activation(first) * second
+    (SwiGLU, `use_swiglu_ffn`)."""
+
+    def __init__(self, config: ViTConfig, gated: bool = False) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.gated = gated
+        width = config.intermediate_size
+        self.fc1 = nn.Linear(config.hidden_size, 2 * width if gated else width)
         self.act = activation(config.hidden_act)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc2 = nn.Linear(width, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(self.act(self.fc1(x))))
+        x = self.fc1(x)
+        if self.gated:
+            gate, x = x.chunk(2, dim=-1)
+            x = self.act(gate) * x
+        else:
+            x = self.act(x)
+        return self.dropout(self.fc2(x))
 
 
-class ViTLayer(nn.Module):
-    """Pre-norm block: x + attention(norm1(x)), then x + mlp(norm2(x))."""
+class ViTLayerScale(nn.Module):
+    """A learned per-channel scale on a residual branch (CaiT, DeiT-3, DINOv2)."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(config.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class ViTLayer(nn.Module):
+    """Pre-norm block: x + ls1(attention(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        scaled = config.layerscale_value is not None
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = ViTAttention(config)
+        self.ls1 = ViTLayerScale(config) if scaled else nn.Identity()
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = ViTMlp(config)
+        self.mlp = ViTMlp(config, config.use_swiglu_ffn)
+        self.ls2 = ViTLayerScale(config) if scaled else nn.Identity()
 
     def forward(
         self, x: torch.Tensor, output_attentions: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, probs = self.attention(self.norm1(x), output_attentions)
-        x = x + attended
-        return x + self.mlp(self.norm2(x)), probs
+        x = x + self.ls1(attended)
+        return x + self.ls2(self.mlp(self.norm2(x))), probs
 
 
 class ViTEncoder(nn.Module):
@@ -164,6 +204,47 @@ class ViTEncoder(nn.Module):
         )
 
 
+class ViTProbeAttention(nn.Module):
+    """Attention from one learned probe to every token: the query projection reads the
+    probe, key and value the tokens (rows 0:D, D:2D, 2D:3D of one fused projection, as
+    `nn.MultiheadAttention` stores them)."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.scale = config.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, probe: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q = self.qkv(probe)[..., :dim].reshape(batch, 1, self.num_heads, -1).transpose(1, 2)
+        kv = self.qkv(x)[..., dim:].reshape(batch, tokens, 2, self.num_heads, -1)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = (probs @ v).transpose(1, 2).reshape(batch, 1, dim)
+        return self.proj(out)
+
+
+class ViTMAPHead(nn.Module):
+    """Multihead attention pooling (big_vision `MAPHead`, SigLIP): a learned probe attends
+    to the tokens, then a residual MLP; the image embedding is the probe's output."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.attention = ViTProbeAttention(config)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = ViTMlp(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attention(self.probe.expand(x.shape[0], -1, -1), x)
+        h = h + self.mlp(self.norm(h))
+        return h[:, 0]
+
+
 class ViTPooler(nn.Module):
     """Dense + activation over the pooled token (the JAX `pre_logits` layer)."""
 
@@ -177,10 +258,22 @@ class ViTPooler(nn.Module):
 
 
 def pool(x: torch.Tensor, config: ViTConfig) -> torch.Tensor:
-    """The class token, or the mean of the patch tokens (`config.pooling_type`)."""
+    """The class token, or the mean of the patch tokens (`config.pooling_type` cls / mean)."""
     if config.pooling_type == "mean":
         return x[:, config.num_prefix_tokens :].mean(dim=1)
     return x[:, 0]
+
+
+def unpooled(embedding: torch.Tensor, config: ViTConfig) -> torch.Tensor | None:
+    """`pooler_output` of a model without a pooling layer: None for a transformers ViT
+    (its `ViTModel(add_pooling_layer=False)` returns none), else the family's image
+    embedding, as its transformers class returns it (DINOv2, CLIP, SigLIP)."""
+    return None if config.transformers_compatible else embedding
+
+
+def _layer_norm_if(condition: bool, config: ViTConfig) -> nn.Module | None:
+    """A LayerNorm over the width where the config has one, else None."""
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if condition else None
 
 
 class ViTPreTrainedModel(nn.Module):
@@ -230,15 +323,19 @@ class ViTPreTrainedModel(nn.Module):
 
 
 class ViTModel(ViTPreTrainedModel):
-    """The encoder: `last_hidden_state` and, with a pooling layer, `pooler_output`."""
+    """The encoder: `last_hidden_state` (every token) and `pooler_output` (the pooling
+    layer's output where there is one, else the image embedding: docs/families.md)."""
 
     def __init__(
         self, config: ViTConfig, add_pooling_layer: bool = True, seed: int | None = None
     ) -> None:
         super().__init__(config)
         self.embeddings = ViTEmbeddings(config)
+        self.norm_pre = _layer_norm_if(config.use_pre_norm, config)
         self.encoder = ViTEncoder(config)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = _layer_norm_if(config.has_token_norm, config)
+        self.head = ViTMAPHead(config) if config.pooling_type == "map" else None
+        self.fc_norm = _layer_norm_if(config.use_final_norm and config.use_fc_norm, config)
         self.pooler = ViTPooler(config) if add_pooling_layer else None
         self.init_weights(seed)
 
@@ -255,17 +352,26 @@ class ViTModel(ViTPreTrainedModel):
         return_dict: bool = True,
     ) -> BaseModelOutputWithPooling | tuple[Any, ...]:
         self.config.check_pixel_shape(tuple(pixel_values.shape), interpolate_pos_encoding)
-        pixel_values = pixel_values.to(self.layernorm.weight.dtype)
+        pixel_values = pixel_values.to(self.embeddings.position_embeddings.dtype)
         x = self.embeddings(pixel_values, interpolate_pos_encoding)
+        if self.norm_pre is not None:
+            x = self.norm_pre(x)
         x, hidden_states, attentions = self.encoder(x, output_attentions, output_hidden_states)
-        x = self.layernorm(x)
-        pooled = self.pooler(pool(x, self.config)) if self.pooler is not None else None
+        if self.layernorm is not None:
+            x = self.layernorm(x)
+        embedding = self.head(x) if self.head is not None else pool(x, self.config)
+        if self.fc_norm is not None:
+            embedding = self.fc_norm(embedding)
+        pooled = (
+            self.pooler(embedding) if self.pooler is not None else unpooled(embedding, self.config)
+        )
         out = BaseModelOutputWithPooling(x, pooled, hidden_states, attentions)
         return out if return_dict else out.to_tuple()
 
 
 class ViTForImageClassification(ViTPreTrainedModel):
-    """ViT + a linear classifier on the pooled token (or on the pooler, if the config says)."""
+    """ViT + a linear classifier on the image embedding (or on the pooler, if the config
+    says); a distilled model (DeiT) has a second head on the distillation token."""
 
     def __init__(self, config: ViTConfig, seed: int | None = None) -> None:
         super().__init__(config)
@@ -277,6 +383,11 @@ class ViTForImageClassification(ViTPreTrainedModel):
             nn.Linear(config.hidden_size, config.num_labels)
             if config.num_labels > 0
             else nn.Identity()
+        )
+        self.distillation_classifier = (
+            nn.Linear(config.hidden_size, config.num_labels)
+            if config.num_labels > 0 and config.use_distillation_token
+            else None
         )
         self.init_weights(seed)
 
@@ -299,14 +410,26 @@ class ViTForImageClassification(ViTPreTrainedModel):
             output_hidden_states=output_hidden_states,
             interpolate_pos_encoding=interpolate_pos_encoding,
         )
-        features = (
-            base.pooler_output
-            if self.config.classifier_uses_pooler
-            else pool(base.last_hidden_state, self.config)
-        )
-        logits = self.classifier(features)
+        cls_logits = distillation_logits = None
+        if self.distillation_classifier is not None:
+            tokens = base.last_hidden_state
+            cls_logits = self.classifier(tokens[:, 0])
+            distillation_logits = self.distillation_classifier(tokens[:, 1])
+            logits = (cls_logits + distillation_logits) / 2
+        else:
+            features = base.pooler_output
+            if features is None:
+                features = pool(base.last_hidden_state, self.config)
+            logits = self.classifier(features)
         loss = classification_loss(logits, labels, self.config) if labels is not None else None
-        out = ImageClassifierOutput(loss, logits, base.hidden_states, base.attentions)
+        out = ImageClassifierOutput(
+            loss,
+            logits,
+            base.hidden_states,
+            base.attentions,
+            cls_logits,
+            distillation_logits,
+        )
         return out if return_dict else out.to_tuple()
 
 

@@ -8,6 +8,7 @@ computes what the original computes with run-time interpolation in the same mode
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,21 @@ CONFIG = ViTConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+# Prefix tokens with positions (registers, distillation token), and registers without
+# (no_embed_class: the table covers the patches only): the patch rows alone are resampled.
+FAMILIES = {
+    "plain": CONFIG,
+    "prefix-positions": dataclasses.replace(
+        CONFIG, num_register_tokens=2, use_distillation_token=True, layerscale_value=0.3
+    ),
+    "no-embed-class": dataclasses.replace(CONFIG, num_register_tokens=4, no_embed_class=True),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("interp")
-    write_folder(path, CONFIG, ModelKind(classifier=True, pooler=False), seed=3)
+    write_folder(path, FAMILIES[request.param], ModelKind(classifier=True, pooler=False), seed=3)
     return path
 
 

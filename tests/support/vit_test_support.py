@@ -32,11 +32,13 @@ def random_canonical_weights(
     rng = np.random.default_rng(seed)
     weights = {}
     for key, shape in expected_shapes(config, kind).items():
-        if key.endswith(".bias"):
+        if key.endswith("bias"):
             value = 0.1 * rng.standard_normal(shape)
-        elif len(shape) == 1:  # LayerNorm scales: the only 1-D weights
+        elif key.endswith(".lambda1"):  # LayerScale: far from 1 (and from a 1e-5 init)
+            value = 0.3 + 0.1 * rng.standard_normal(shape)
+        elif len(shape) == 1:  # LayerNorm scales: the other 1-D weights
             value = 1.0 + 0.2 * rng.standard_normal(shape)
-        elif key.endswith(("cls_token", "position_embeddings")):
+        elif key.endswith(("_token", "_tokens", "position_embeddings", "probe")):
             value = 0.5 * rng.standard_normal(shape)
         else:  # Linear (out, in) and Conv2d (O, I, H, W): scale by fan-in
             value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
@@ -56,21 +58,35 @@ def architectures(draw: st.DrawFn) -> tuple[ViTConfig, ModelKind]:
     grid = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     classifier = draw(st.booleans())
     use_class_token = draw(st.booleans())
+    pooling = draw(st.sampled_from(["cls", "mean", "map"] if use_class_token else ["mean", "map"]))
+    final_norm = draw(st.booleans())
     config = ViTConfig(
         hidden_size=heads * draw(st.sampled_from([4, 8])),
         num_hidden_layers=draw(st.integers(1, 3)),
         num_attention_heads=heads,
         intermediate_size=draw(st.sampled_from([16, 24])),
-        hidden_act=draw(st.sampled_from(["gelu", "gelu_pytorch_tanh", "quick_gelu", "relu"])),
+        hidden_act=draw(
+            st.sampled_from(["gelu", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu"])
+        ),
         layer_norm_eps=draw(st.sampled_from([1e-12, 1e-6])),
         image_size=(grid[0] * patch[0], grid[1] * patch[1]),
         patch_size=patch,
         num_channels=draw(st.sampled_from([1, 3])),
         qkv_bias=draw(st.booleans()),
         use_class_token=use_class_token,
-        pooling_type="cls" if use_class_token and draw(st.booleans()) else "mean",
+        pooling_type=pooling,
         classifier_uses_pooler=classifier and draw(st.booleans()),
         num_labels=draw(st.sampled_from([0, 1, 3])) if classifier else 2,
+        # the family switches (docs/families.md)
+        num_register_tokens=draw(st.sampled_from([0, 0, 1, 4])),
+        use_distillation_token=use_class_token and pooling == "cls" and draw(st.booleans()),
+        no_embed_class=draw(st.booleans()),
+        layerscale_value=draw(st.sampled_from([None, 0.3])),
+        use_pre_norm=draw(st.booleans()),
+        patch_embedding_bias=draw(st.booleans()),
+        use_final_norm=final_norm,
+        use_fc_norm=final_norm and draw(st.booleans()),
+        use_swiglu_ffn=draw(st.booleans()),
     )
     kind = ModelKind(
         classifier=classifier,

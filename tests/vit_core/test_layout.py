@@ -8,7 +8,14 @@ import torch
 import transformers
 
 from vit_core import ViTConfig
-from vit_core.layout import ModelKind, expected_shapes, layout_markdown, to_canonical, to_internal
+from vit_core.layout import (
+    TABLE,
+    ModelKind,
+    expected_shapes,
+    layout_markdown,
+    to_canonical,
+    to_internal,
+)
 
 SMALL = {
     "hidden_size": 24,
@@ -69,4 +76,4 @@ def test_fused_qkv_rows_are_query_key_value_in_order() -> None:
 def test_markdown_table_lists_every_entry() -> None:
     table = layout_markdown()
     assert "`encoder.layer.{i}.attention.attention.query.weight` | (D, D)" in table
-    assert table.count("\n") == 27  # header, rule, 26 entries
+    assert table.count("\n") == len(TABLE) + 1  # header, rule, one row per entry
