@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Exact versions (constraints.txt); pyproject.toml's extras give only lower bounds.
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 
-.PHONY: run test lint bench readme format train-digits clean
+.PHONY: run test lint bench readme coverage timm-names format train-digits clean
 
 # torch and torchvision go in first, in one pip command: PyPI's torchvision only
 # imports beside the matching torch, and the oracles (timm, transformers) need it.
@@ -39,6 +39,18 @@ readme: $(STAMP)
 	$(PY) -m pytest -q --parity-json docs/parity.json \
 		--deselect tests/vit_core/test_docs.py::test_readme_tables_are_the_generated_ones
 	$(PY) scripts/readme_tables.py
+
+# How much of timm's ViT zoo converts: every pretrained tag built (2 blocks), converted by
+# its name, run in both backends and compared with timm (tens of minutes; never part of
+# `make test`). Writes docs/coverage.json and the README's coverage table.
+# `$(PY) scripts/coverage.py --only PATTERN` re-runs some tags, merged into the file.
+coverage: $(STAMP)
+	$(PY) scripts/coverage.py
+	$(PY) scripts/readme_tables.py
+
+# vit_core/timm_names.json from the installed timm (after a timm upgrade; a test checks it).
+timm-names: $(STAMP)
+	$(PY) scripts/generate_timm_names.py
 
 format: $(STAMP)
 	$(PY) -m ruff format .

@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--model-name", metavar="NAME",
-        help="standard architecture for what the weights do not say (timm's head count), "
-        "any ecosystem's spelling, e.g. --model-name vit-base-patch16-224",
+        help="a model name for what the weights do not say (timm's head count; a timm name "
+        "also its family's eps, activation and switches), any ecosystem's spelling; --set "
+        "overrides it, e.g. --model-name vit_small_patch14_dinov2.lvd142m "
+        "--set num_hidden_layers=2",
     )  # fmt: skip
     parser.add_argument(
         "--config", dest="config_file", type=Path, metavar="FILE",

@@ -52,8 +52,9 @@ WEIGHT_FIELDS = (
     "use_class_token",
     "pooler_output_size",
 )
-# What a model name (--model-name) contributes: the architecture, never numerics or labels
-# (those belong to the source's family and checkpoint).
+# What a model name (--model-name) contributes: the architecture and the family's switches
+# (docs/families.md), never labels (those belong to the checkpoint). A later layer
+# (--config, --set) overrides any of them: `--set num_hidden_layers=2` on a cut-down model.
 NAME_FIELDS = (
     "hidden_size",
     "num_hidden_layers",
@@ -61,7 +62,24 @@ NAME_FIELDS = (
     "intermediate_size",
     "patch_size",
     "image_size",
+    "qkv_bias",
+    "use_class_token",
+    "num_register_tokens",
+    "use_distillation_token",
+    "no_embed_class",
+    "layerscale_value",
+    "use_pre_norm",
+    "patch_embedding_bias",
+    "use_final_norm",
+    "use_fc_norm",
+    "use_swiglu_ffn",
+    "pooling_type",
 )
+# ... and, from a timm name, the numerics: a timm state dict holds neither its LayerNorm
+# eps nor its activation (CLIP: 1e-5, quick_gelu for OpenAI's; SigLIP 2: tanh GELU). Hub
+# names say transformers' 1e-12 and JAX names the release's tanh GELU, which belong to
+# those ecosystems' own files, so a name in their spelling gives the architecture only.
+NAME_NUMERICS = ("layer_norm_eps", "hidden_act")
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ViTConfig) if f.name != "extra")
 # Other ecosystems' words for config fields (timm, big_vision), for "did you mean".
 FIELD_ALIASES = {
@@ -117,16 +135,23 @@ def check_fields(fields: Iterable[str], origin: str) -> None:
             raise ConfigError(f"{origin}: {name!r} is not a ViTConfig field{hint}")
 
 
+def name_layer(model_name: str) -> dict[str, Any]:
+    """The hint fields a model name gives (`NAME_FIELDS`, and `NAME_NUMERICS` for a timm
+    name); a `ConfigError` for a name that is unknown or that this package cannot run."""
+    from vit_core.names import name_fields, name_source
+
+    fields = name_fields(model_name)
+    wanted = NAME_FIELDS + (NAME_NUMERICS if name_source(model_name) == "timm" else ())
+    return {k: fields[k] for k in wanted if k in fields}
+
+
 def hint_layers(
     model_name: str | None, config_file: str | Path | None, overrides: Mapping[str, Any] | None
 ) -> list[tuple[str, dict[str, Any]]]:
     """(origin, fields) in increasing precedence: --model-name, --config, --set."""
     layers: list[tuple[str, dict[str, Any]]] = []
     if model_name:
-        from vit_core.names import name_fields
-
-        fields = name_fields(model_name)
-        layers.append((f"--model-name {model_name}", {k: fields[k] for k in NAME_FIELDS}))
+        layers.append((f"--model-name {model_name}", name_layer(model_name)))
     if config_file is not None:
         data = read_json_object(local_path(config_file))
         if is_timm_config(data):
@@ -148,26 +173,46 @@ def hint_layers(
 def merge_config(
     source: SourceWeights, layers: Sequence[tuple[str, dict[str, Any]]], gelu: str | None
 ) -> dict[str, Any]:
-    """The reader's fields, then each hint layer; contradicting the weights is an error."""
+    """The reader's fields, then each hint layer; contradicting the weights is an error.
+
+    Only the value that wins is held to the weights: a name's depth that --set replaces
+    is not a contradiction, the --set value is checked in its place.
+    """
     fixed = set(WEIGHT_FIELDS) | source.fixed
     if any(k.startswith("classifier.") for k in source.tensors):
         fixed.add("num_labels")
-    fields = dict(source.config)
+    winners: dict[str, tuple[str, Any]] = {}
     for origin, layer in layers:
         for name, value in layer.items():
-            if (
-                name in fixed
-                and name in source.config
-                and _comparable(name, value) != _comparable(name, source.config[name])
-            ):
-                raise ConfigError(
-                    f"{origin} gives {name}={value!r}, but the weights say "
-                    f"{source.config[name]!r}; leave it out, or convert a matching checkpoint"
-                )
-            fields[name] = value
+            winners[name] = (origin, value)
+    fields = dict(source.config)
+    for name, (origin, value) in winners.items():
+        said = source.config.get(name)
+        if (
+            name in fixed
+            and name in source.config
+            and _comparable(name, value) != _comparable(name, said)
+        ):
+            override = (
+                f", override it with --set {name}={_set_value(said)}"
+                if origin.startswith(("--model-name", "--config"))
+                else ""
+            )
+            raise ConfigError(
+                f"{origin} gives {name}={value!r}, but the weights say {said!r}; leave it "
+                f"out{override}, or convert a matching checkpoint"
+            )
+        fields[name] = value
     if gelu is not None:
         fields["hidden_act"] = GELU[gelu]
     return fields
+
+
+def _set_value(value: Any) -> str:
+    """`value` as --set reads it (JSON): true, 2, [224,224]."""
+    import json
+
+    return json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
 
 
 def build_config(fields: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> ViTConfig:

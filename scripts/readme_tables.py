@@ -4,9 +4,10 @@
     python scripts/readme_tables.py --check  # exit 1 if README.md differs (a test runs this)
 
 Sources: `docs/parity.json`, the largest difference per comparison that the test suite
-records (`pytest --parity-json`, run by `make readme`), and `benchmarks/results/bench.json`
-(`make bench`). Each table sits between `<!-- generated: NAME -->` and
-`<!-- end generated: NAME -->`; nothing between the markers is typed by hand.
+records (`pytest --parity-json`, run by `make readme`), `benchmarks/results/bench.json`
+(`make bench`) and `docs/coverage.json` (`make coverage`). Each table sits between
+`<!-- generated: NAME -->` and `<!-- end generated: NAME -->`; nothing between the
+markers is typed by hand.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ if str(ROOT) not in sys.path:  # runs from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.run import render  # noqa: E402
+from scripts.coverage import render as render_coverage  # noqa: E402
 
 README = ROOT / "README.md"
 PARITY = ROOT / "docs" / "parity.json"
 BENCH = ROOT / "benchmarks" / "results" / "bench.json"
+COVERAGE = ROOT / "docs" / "coverage.json"
 BOUND = 1e-5
 
 # What each recorded comparison holds our twins to, by the start of its name (tests name
@@ -78,6 +81,7 @@ def sections() -> dict[str, str]:
     return {
         "parity": render_parity(json.loads(PARITY.read_text())),
         "speed": render(json.loads(BENCH.read_text())),
+        "coverage": render_coverage(json.loads(COVERAGE.read_text())),
     }
 
 

@@ -177,14 +177,15 @@ def load(
 
 
 def folder_outputs(folder: str | Path, backend: str, pixels: np.ndarray) -> Outputs:
-    """A folder's outputs from one backend in float32: logits (if it has a classifier),
-    last_hidden_state, and pooler_output (if its encoder has a pooler)."""
+    """A folder's outputs from one backend in float32: logits (and a distilled model's
+    cls_logits and distillation_logits) if it has a classifier, last_hidden_state, and
+    pooler_output (if its encoder has one)."""
     twin = get_backend(backend)
     first = twin.run(load(folder, backend, dtype="float32"), pixels)  # the folder's own model
     if "logits" not in first:  # a base model: its outputs are the encoder's
         return first
     base = twin.run(load(folder, backend, dtype="float32", model_type="base"), pixels)
-    return {"logits": first["logits"], **base}
+    return {**first, **base}
 
 
 def save_folder(

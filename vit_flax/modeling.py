@@ -254,7 +254,8 @@ class ViTProbeAttention(nn.Module):
 
 class ViTMAPHead(nn.Module):
     """Multihead attention pooling (big_vision `MAPHead`, SigLIP): a learned probe attends
-    to the tokens, then a residual MLP; the image embedding is the probe's output."""
+    to the patch tokens (prefix tokens excluded, as timm's `AttentionPoolLatent` is fed),
+    then a residual MLP; the image embedding is the probe's output."""
 
     config: ViTConfig
     dtype: Any = jnp.float32
@@ -262,6 +263,7 @@ class ViTMAPHead(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
         config, dtype = self.config, self.dtype
+        x = x[:, config.num_prefix_tokens :]
         probe = self.param("probe", _truncated_normal(config), (1, 1, config.hidden_size))
         probe = jnp.broadcast_to(probe, (x.shape[0], 1, config.hidden_size)).astype(x.dtype)
         h = ViTProbeAttention(config, dtype, name="attention")(probe, x)

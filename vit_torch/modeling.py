@@ -230,16 +230,19 @@ class ViTProbeAttention(nn.Module):
 
 class ViTMAPHead(nn.Module):
     """Multihead attention pooling (big_vision `MAPHead`, SigLIP): a learned probe attends
-    to the tokens, then a residual MLP; the image embedding is the probe's output."""
+    to the patch tokens (prefix tokens excluded, as timm's `AttentionPoolLatent` is fed),
+    then a residual MLP; the image embedding is the probe's output."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
+        self.num_prefix_tokens = config.num_prefix_tokens
         self.probe = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.attention = ViTProbeAttention(config)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = ViTMlp(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, self.num_prefix_tokens :]
         h = self.attention(self.probe.expand(x.shape[0], -1, -1), x)
         h = h + self.mlp(self.norm(h))
         return h[:, 0]

@@ -7,9 +7,14 @@ are. transformers' Flax `flax_model.msgpack` holds the same tree in Flax convent
 Conv HWIO -> OIHW, LayerNorm scale -> weight), as it does for the Flax twin; the `vit/`
 prefix and `layer/{i}` naming already match the PyTorch names once `/` becomes `.`.
 
-The config is the folder's `config.json` (it must say model_type "vit"); a lone weights
-file without one is described from its shapes, with the head count and numerics stated
-as assumptions. The preprocessor comes from `preprocessor_config.json` when present.
+The config is the folder's `config.json`; a lone weights file without one is described
+from its shapes, with the head count and numerics stated as assumptions. The preprocessor
+comes from `preprocessor_config.json` when present.
+
+The ViT family's transformers models (DINOv2, CLIP, SigLIP, DeiT, ViT-MAE) are told by
+their `config.json` model_type; this module reads their files and `hf_families` maps the
+tensors by that family's key table (its docstring lists them). A family checkpoint without
+its config.json is refused rather than read as a plain ViT.
 """
 
 from __future__ import annotations
@@ -31,9 +36,17 @@ from conversion.sources import (
     state_dict_keys,
 )
 from conversion.sources.base import SourceWeights
+from conversion.sources.hf_families import (
+    FAMILIES,
+    PATCH_KERNEL,
+    family_for,
+    head_of,
+    read_family,
+    refuse_lone_family,
+)
 from vit_core import flax_layout
 from vit_core.config import CONFIG_NAME, ViTConfig, hw_pair
-from vit_core.errors import CheckpointError
+from vit_core.errors import CheckpointError, ConfigError
 from vit_core.layout import BASE_PREFIX
 from vit_core.processing import PROCESSOR_NAME, ViTImageProcessor
 
@@ -47,7 +60,12 @@ WEIGHT_NAMES = (
     "pytorch_model.bin.index.json",
     "flax_model.msgpack",
 )
-_MARKER = "embeddings.patch_embeddings.projection.weight"
+# The patch kernel's key in a ViT, its head models, and the family's models (`vit.` is
+# both a ViT head model's prefix and ViTMAEForPreTraining's).
+_MARKERS = frozenset({
+    PATCH_KERNEL, BASE_PREFIX + PATCH_KERNEL,
+    *(family.prefix + family.marker for family in FAMILIES.values()),
+})  # fmt: skip
 
 
 # transformers' Flax ViT leaves, (name, rank): the kernels and scales that
@@ -84,20 +102,25 @@ def detect(path: Path) -> bool:
         keys = state_dict_keys(path)
     except (CheckpointError, OSError):
         return False
-    return any(k in (_MARKER, BASE_PREFIX + _MARKER) for k in keys)
+    return any(k in _MARKERS for k in keys)
 
 
 # ----------------------------------------------------------------------- read
 def read(path: Path, hints: dict[str, Any]) -> SourceWeights:
-    """Canonical tensors (as stored), config and preprocessor of a transformers ViT."""
+    """Canonical tensors, config and preprocessor of a transformers ViT (or family model)."""
     path = Path(path)
     weights = _weights_file(path)
     folder = weights.parent
+    config_file = folder / CONFIG_NAME
+    model_type = _model_type(config_file) if config_file.is_file() else None
+    if model_type is not None and model_type != "vit":
+        return _read_family(weights, config_file, model_type)
     tensors, fmt = _read_weights(weights)
     assumed: list[str] = []
-    if (folder / CONFIG_NAME).is_file():
-        config = _config_from_file(folder / CONFIG_NAME)
+    if model_type == "vit":
+        config = _config_from_file(config_file)
     else:
+        refuse_lone_family(tensors, weights)
         config = _infer_config(tensors, hints, weights, assumed)
     return SourceWeights(
         tensors=tensors,
@@ -106,6 +129,42 @@ def read(path: Path, hints: dict[str, Any]) -> SourceWeights:
         assumed=assumed,
         processor=_processor(folder, config, assumed),
     )
+
+
+def _model_type(config_file: Path) -> str:
+    model_type = read_json(config_file).get("model_type", "vit")
+    if not isinstance(model_type, str):
+        raise ConfigError(f"{config_file}: model_type must be a string; got {model_type!r}")
+    return model_type
+
+
+def _read_family(weights: Path, config_file: Path, model_type: str) -> SourceWeights:
+    """A ViT-family model's weights, mapped by its family (`hf_families.read_family`)."""
+    family = family_for(model_type, config_file)
+    if weights.suffix == ".msgpack":
+        raise CheckpointError(
+            f"{weights}: transformers' Flax {family.title} weights are not read; convert the "
+            f"PyTorch weights ({family.base_class}.from_pretrained(folder, from_flax=True)"
+            ".save_pretrained(out), then convert that folder)"
+        )
+    tensors, fmt = _read_weights(weights)
+    return read_family(family, model_type, tensors, fmt, weights, config_file)
+
+
+def family_of(path: Path) -> tuple[str, str] | None:
+    """(model_type, head) of a transformers family source, head one of "base",
+    "projection" (CLIP's visual_projection) or "teacher" (DeiT's two heads); None for a
+    plain ViT. Reads only key names (for `--verify`, which picks the transformers class)."""
+    weights = _weights_file(Path(path))
+    config_file = weights.parent / CONFIG_NAME
+    model_type = _model_type(config_file) if config_file.is_file() else "vit"
+    if model_type == "vit":
+        return None
+    if weights.name.endswith(".index.json"):
+        keys = set(map(str, read_json(weights).get("weight_map", {})))
+    else:
+        keys = set(state_dict_keys(weights))
+    return model_type, head_of(keys)
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -240,7 +299,7 @@ def _infer_config(
             raise CheckpointError(f"{path}: no {prefix + key}; not a transformers ViT checkpoint")
         return tensors[prefix + key]
 
-    width, channels, ph, pw = (int(s) for s in get(_MARKER).shape)
+    width, channels, ph, pw = (int(s) for s in get(PATCH_KERNEL).shape)
     has_cls = prefix + "embeddings.cls_token" in tensors
     cells = int(get("embeddings.position_embeddings").shape[1]) - int(has_cls)
     side = round(cells**0.5)

@@ -13,12 +13,15 @@ apart from the file itself:
   `Transformer/encoderblock` (scanned), and a top-level `pos_embedding` added *before*
   the class token is prepended: the class token has no position embedding, so a zero
   class slot is exact. Without a class token (`pool_type` gap) the model averages the
-  patch tokens after the final LayerNorm (`use_class_token=False, pooling_type="mean"`).
+  patch tokens after the final LayerNorm (`use_class_token=False, pooling_type="mean"`);
+  a `MAPHead_0` (`pool_type` map, SigLIP) is the canonical MAP head (`pooling_type="map"`,
+  `head.*`); a file without `pos_embedding` is a `posemb="sincos2d"` model, whose fixed
+  positions (`posemb_sincos_2d`) are written out as a table for the model's grid.
 
 ImageNet-21k files keep their `pre_logits` layer (Dense + tanh before the head) as the
-canonical pooler with `classifier_uses_pooler=True`. MAP heads, hybrid (ResNet stem)
-models and fixed sin-cos position embeddings are refused by name. Nothing is ever
-unpickled: an archive holding a pickled object is refused before any array is read.
+canonical pooler with `classifier_uses_pooler=True`. Hybrid (ResNet stem) models are
+refused by name. Nothing is ever unpickled: an archive holding a pickled object is
+refused before any array is read.
 
 The sizes come from the arrays' headers first; then every key goes through its row of the
 rule tables (`EMBEDDING_RULES`, `BLOCK_RULES`, ...), its shape checked, and any key left
@@ -57,12 +60,17 @@ DEFAULT_ACT = "gelu_pytorch_tanh"
 # --image-size default: both releases resize positions with scipy.ndimage.zoom(order=1).
 DEFAULT_INTERPOLATION = "jax_zoom"
 DEFAULT_EPS = 1e-6
+# big_vision's default resolution: the grid of a sincos2d file that states no image size.
+DEFAULT_SINCOS_IMAGE = 224
+SINCOS_TEMPERATURE = 10_000.0
+# The MAP head's parameters: `MAPHead_0/...`, or at the top level in the ViT-G-era files
+# big_vision's `fix_old_checkpoints` moves there (`probe`, `MultiHeadDotProductAttention_0`,
+# `LayerNorm_0`, `MlpBlock_0`).
+MAP_PREFIXES = ("MAPHead_0/", "")
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/")
 # Parts of other model families, refused with what they are.
 _REFUSED = {
-    "MAPHead_0/": "a MAP (multihead attention pooling) head (big_vision pool_type='map'), "
-    "which the canonical ViT layout cannot express",
     "conv_root/": "a hybrid ResNet + ViT model (ResNet stem), which is not a plain ViT",
 }
 
@@ -80,8 +88,8 @@ def detect(path: Path) -> bool:
     """Whether `path` is a NumPy `.npz` archive with a JAX ViT patch embedding
     (`embedding/kernel`, bare or under `opt/target/`, `params/`, `params/img/`).
 
-    Judged from the zip directory alone: no array is read. MAP-head, hybrid or sin-cos
-    files are claimed too, so that `read` can say by name why they are refused.
+    Judged from the zip directory alone: no array is read. Hybrid files are claimed too,
+    so that `read` can say by name why they are refused.
     """
     path = Path(path)
     if not path.is_file() or not _is_zip(path):
@@ -255,6 +263,24 @@ def heads_bias(value: np.ndarray, arch: Architecture) -> np.ndarray:
     return value.reshape(arch.width)
 
 
+def sincos_position_table(height: int, width: int, dim: int) -> np.ndarray:
+    """big_vision's fixed positions (`posemb_sincos_2d`, the MoCo v3 form) for a
+    height x width patch grid, (1, height * width, dim) float32, row-major:
+    [sin(x w), cos(x w), sin(y w), cos(y w)] with w_k = 1 / 10000^(k / (dim/4 - 1))."""
+    quarter = dim // 4
+    if dim % 4 or quarter < 2:
+        raise CheckpointError(
+            f"sincos2d position embeddings need a width divisible by 4 and at least 8 "
+            f"(big_vision asserts it); this model's is {dim}"
+        )
+    y, x = np.mgrid[:height, :width]
+    omega = 1.0 / SINCOS_TEMPERATURE ** (np.arange(quarter) / (quarter - 1))
+    ys = y.reshape(-1)[:, None] * omega[None, :]
+    xs = x.reshape(-1)[:, None] * omega[None, :]
+    table = np.concatenate([np.sin(xs), np.cos(xs), np.sin(ys), np.cos(ys)], axis=1)
+    return table.astype(np.float32)[None]
+
+
 # ------------------------------------------------------------------ key rules
 # JAX key (under the archive's prefix) -> canonical key (before the `vit.` prefix), the
 # transform, and the shape the JAX array must have (sizes named as in `_Sizes`).
@@ -263,11 +289,14 @@ EMBEDDING_RULES: tuple[Rule, ...] = (
     Rule("embedding/kernel", "embeddings.patch_embeddings.projection.weight", flax_kernel,
          ("patch_height", "patch_width", "channels", "width")),
     Rule("embedding/bias", "embeddings.patch_embeddings.projection.bias", copy, ("width",)),
-    # {posemb}: POSEMB_VIT_JAX (a class-token slot) or POSEMB_BIG_VISION (none)
-    Rule("{posemb}", "embeddings.position_embeddings", position_table,
-         (1, "positions", "width")),
     Rule("Transformer/encoder_norm/scale", "layernorm.weight", copy, ("width",)),
     Rule("Transformer/encoder_norm/bias", "layernorm.bias", copy, ("width",)),
+)
+# {posemb}: POSEMB_VIT_JAX (a class-token slot) or POSEMB_BIG_VISION (none); a sincos2d
+# file has neither, and its table is computed (`sincos_position_table`)
+POSITION_RULES: tuple[Rule, ...] = (
+    Rule("{posemb}", "embeddings.position_embeddings", position_table,
+         (1, "positions", "width")),
 )
 CLASS_TOKEN_RULES: tuple[Rule, ...] = (
     Rule("cls", "embeddings.cls_token", copy, (1, 1, "width")),
@@ -307,6 +336,28 @@ HEAD_RULES: tuple[Rule, ...] = (
     Rule("head/kernel", "classifier.weight", flax_kernel, ("representation", "classes")),
     Rule("head/bias", "classifier.bias", copy, ("classes",)),
 )
+# big_vision MAPHead (pool_type='map'): {map} is one of MAP_PREFIXES. The query, key and
+# value projections land in MAP_QKV, fused afterwards into the one in-projection.
+MAP_QKV = "head.attention.{qkv}"
+MAP_RULES: tuple[Rule, ...] = (
+    Rule("{map}probe", "head.probe", copy, (1, 1, "width")),
+    Rule("{map}MultiHeadDotProductAttention_0/{qkv}/kernel", MAP_QKV + ".weight",
+         heads_kernel, ("width", "heads", "head_dim")),
+    Rule("{map}MultiHeadDotProductAttention_0/{qkv}/bias", MAP_QKV + ".bias", heads_bias,
+         ("heads", "head_dim")),
+    Rule("{map}MultiHeadDotProductAttention_0/out/kernel", "head.attention.out_proj.weight",
+         heads_kernel, ("heads", "head_dim", "width")),
+    Rule("{map}MultiHeadDotProductAttention_0/out/bias", "head.attention.out_proj.bias", copy,
+         ("width",)),
+    Rule("{map}LayerNorm_0/scale", "head.layernorm.weight", copy, ("width",)),
+    Rule("{map}LayerNorm_0/bias", "head.layernorm.bias", copy, ("width",)),
+    Rule("{map}MlpBlock_0/Dense_0/kernel", "head.mlp.fc1.weight", flax_kernel,
+         ("width", "mlp")),
+    Rule("{map}MlpBlock_0/Dense_0/bias", "head.mlp.fc1.bias", copy, ("mlp",)),
+    Rule("{map}MlpBlock_0/Dense_1/kernel", "head.mlp.fc2.weight", flax_kernel,
+         ("mlp", "width")),
+    Rule("{map}MlpBlock_0/Dense_1/bias", "head.mlp.fc2.bias", copy, ("width",)),
+)
 # fmt: on
 
 
@@ -341,6 +392,7 @@ class _Reader:
         self.scanned = False
         self.stacked: dict[str, np.ndarray] = {}  # scanned arrays, read once for all layers
         self.sizes = _Sizes(width=0, use_class_token=False, table_has_class_slot=False)
+        self.map_prefix: str | None = None  # where the MAP head's keys are, if it has one
 
     def _key(self, key: str) -> str:
         return repr(self.archive.prefix + key)
@@ -367,18 +419,20 @@ class _Reader:
                 raise self._fail(
                     f"key {self._key(hits[0])} shows {what}; refused rather than converted wrongly"
                 )
-        if not (archive.has(POSEMB_VIT_JAX) or archive.has(POSEMB_BIG_VISION)):
-            raise self._fail(
-                f"no learned position embedding ({self._key(POSEMB_VIT_JAX)} or "
-                f"{self._key(POSEMB_BIG_VISION)}): a big_vision model with fixed sin-cos "
-                "position embeddings (posemb='sincos2d') or none; refused, since its "
-                "positions are not stored in the file"
-            )
         if archive.has(POSEMB_VIT_JAX) and archive.has(POSEMB_BIG_VISION):
             raise self._fail(
                 f"has both {self._key(POSEMB_VIT_JAX)} and {self._key(POSEMB_BIG_VISION)}; "
                 "which one the model adds is unclear"
             )
+
+    def _find_map_head(self) -> None:
+        """Where the MAP head's parameters are (`MAP_PREFIXES`), if the file has one."""
+        found = [p for p in MAP_PREFIXES if self.archive.has(p + "probe")]
+        if len(found) > 1:
+            raise self._fail(
+                f"has two MAP heads ({', '.join(self._key(p + 'probe') for p in found)})"
+            )
+        self.map_prefix = found[0] if found else None
 
     def _find_blocks(self) -> None:
         """Block key prefixes and whether they are scanned (stacked on a leading axis)."""
@@ -420,8 +474,9 @@ class _Reader:
         )
 
     # ------------------------------------------------------------------- sizes
-    def _sizes(self, numbering: str, posemb: str) -> _Sizes:
-        """Every size, from the arrays' headers alone (no array is read yet)."""
+    def _sizes(self, numbering: str, posemb: str | None) -> _Sizes:
+        """Every size, from the arrays' headers alone (no array is read yet); `posemb`:
+        the position table's key, None for a sincos2d file (no table stored)."""
         archive = self.archive
         kernel_shape = archive.shape(ANCHOR)
         if len(kernel_shape) != 4:
@@ -432,19 +487,20 @@ class _Reader:
             )
         patch_height, patch_width, channels, width = kernel_shape
         use_cls = archive.has("cls")
-        if not use_cls:
+        if not use_cls and self.map_prefix is None:
             self.assumed.append(
                 "no class token: the model averages the patch tokens after the final "
                 "LayerNorm (pool_type/classifier 'gap'; pool types '0' and 'none' would look "
                 "the same in the file)"
             )
+        if use_cls and self.map_prefix is not None:
+            raise self._fail(
+                f"has both a class token ({self._key('cls')}) and a MAP head "
+                f"({self._key(self.map_prefix + 'probe')}); big_vision builds one or the "
+                "other (pool_type 'tok' or 'map'), so what this model pools is unclear"
+            )
         # vit_jax adds positions after prepending the class token (a slot for it);
         # big_vision before (none: the class token's slot is zero, exactly).
-        pos_shape = archive.shape(posemb)
-        if len(pos_shape) != 3 or pos_shape[0] != 1 or pos_shape[2] != width:
-            raise self._fail(
-                f"key {self._key(posemb)} has shape {pos_shape}; expected (1, tokens, {width})"
-            )
         has_slot = use_cls and posemb == POSEMB_VIT_JAX
         sizes = _Sizes(
             width=width,
@@ -453,10 +509,19 @@ class _Reader:
             patch_height=patch_height,
             patch_width=patch_width,
             channels=channels,
-            positions=pos_shape[1],
             representation=width,
         )
-        sizes.grid = self._grid(pos_shape[1] - int(has_slot), posemb, sizes)
+        if posemb is None:
+            sizes.grid = self._sincos_grid(sizes)
+            sizes.positions = sizes.grid[0] * sizes.grid[1]
+        else:
+            pos_shape = archive.shape(posemb)
+            if len(pos_shape) != 3 or pos_shape[0] != 1 or pos_shape[2] != width:
+                raise self._fail(
+                    f"key {self._key(posemb)} has shape {pos_shape}; expected (1, tokens, {width})"
+                )
+            sizes.positions = pos_shape[1]
+            sizes.grid = self._grid(pos_shape[1] - int(has_slot), posemb, sizes)
         self._block_sizes(numbering, sizes)
         self._head_sizes(sizes)
         return sizes
@@ -491,6 +556,30 @@ class _Reader:
                 f"from the {patches} position embeddings"
             )
         return side, side
+
+    def _sincos_grid(self, sizes: _Sizes) -> tuple[int, int]:
+        """The patch grid of a sincos2d file, whose positions are computed from the grid
+        at run time: the hints' image_size, else big_vision's default 224."""
+        patch = (sizes.patch_height, sizes.patch_width)
+        image = self.hints.get("image_size")
+        stated = image is not None
+        h, w = hw_pair(image, "image_size") if image is not None else (DEFAULT_SINCOS_IMAGE,) * 2
+        if h % patch[0] or w % patch[1]:
+            raise self._fail(
+                f"no stored position embedding (posemb='sincos2d'), so the image size decides "
+                f"the grid; {h}x{w} is not a multiple of the patch size {patch[0]}x{patch[1]}: "
+                "give the training image size (image_size as [height, width])"
+            )
+        grid = (h // patch[0], w // patch[1])
+        self.assumed.append(
+            "no stored position embedding: big_vision's fixed sincos2d positions "
+            f"(posemb_sincos_2d), written out as a table for the {grid[0]}x{grid[1]} patch grid "
+            f"({h}x{w} images"
+            + (")" if stated else ", big_vision's default: the file does not record it)")
+            + "; for another size give image_size (the table is then computed there, "
+            "exactly) rather than --image-size, which resamples it"
+        )
+        return grid
 
     def _block_sizes(self, numbering: str, sizes: _Sizes) -> None:
         """Depth, heads and MLP width, from the first block's attention and MLP kernels."""
@@ -574,13 +663,22 @@ class _Reader:
     def read(self) -> SourceWeights:
         archive = self.archive
         self._refuse_other_families()
+        self._find_map_head()
         self._find_blocks()
         numbering = self._numbering()
         big_vision_posemb = archive.has(POSEMB_BIG_VISION)
         posemb = POSEMB_BIG_VISION if big_vision_posemb else POSEMB_VIT_JAX
-        sizes = self.sizes = self._sizes(numbering, posemb)
+        sincos = not (big_vision_posemb or archive.has(POSEMB_VIT_JAX))
+        sizes = self.sizes = self._sizes(numbering, None if sincos else posemb)
         mha, ln2, mlp = NUMBERING[numbering]
-        tensors = self._apply(EMBEDDING_RULES, posemb=posemb)
+        tensors = self._apply(EMBEDDING_RULES)
+        if sincos:
+            table = sincos_position_table(*sizes.grid, sizes.width)
+            tensors["embeddings.position_embeddings"] = position_table(table, sizes)
+        else:
+            tensors.update(self._apply(POSITION_RULES, posemb=posemb))
+        if self.map_prefix is not None:
+            tensors.update(self._map_head(self._apply(MAP_RULES, map=self.map_prefix)))
         if sizes.use_class_token:
             tensors.update(self._apply(CLASS_TOKEN_RULES))
         for i in range(sizes.depth):
@@ -604,6 +702,8 @@ class _Reader:
         big_vision = (
             archive.prefix.startswith("params/")
             or big_vision_posemb
+            or sincos
+            or self.map_prefix is not None
             or self.scanned
             or numbering == FORMAT_BIG_VISION
         )
@@ -632,6 +732,15 @@ class _Reader:
             fixed=frozenset({"num_attention_heads"}),  # from the (D, heads, head_dim) kernels
         )
 
+    def _map_head(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The MAP head's query, key and value projections as one (3D, D) in-projection
+        (and its bias), in that order: the query reads the probe, key and value the tokens."""
+        for part in ("weight", "bias"):
+            names = [f"{MAP_QKV.format(qkv=n)}.{part}" for n in QKV]
+            fused = np.concatenate([tensors.pop(n) for n in names], axis=0)
+            tensors[f"head.attention.in_proj_{part}"] = fused
+        return tensors
+
     def _config(self) -> dict[str, Any]:
         sizes, hints = self.sizes, self.hints
         (ph, pw), (gh, gw) = (sizes.patch_height, sizes.patch_width), sizes.grid
@@ -648,6 +757,9 @@ class _Reader:
             eps = DEFAULT_EPS
             self.assumed.append("layer_norm_eps=1e-6 (flax nn.LayerNorm's default)")
         square = gh * ph == gw * pw and ph == pw
+        pooling = "cls" if sizes.use_class_token else "mean"
+        if self.map_prefix is not None:
+            pooling = "map"
         config: dict[str, Any] = {
             "hidden_size": sizes.width,
             "num_hidden_layers": sizes.depth,
@@ -660,7 +772,7 @@ class _Reader:
             "num_channels": sizes.channels,
             "qkv_bias": True,
             "use_class_token": sizes.use_class_token,
-            "pooling_type": "cls" if sizes.use_class_token else "mean",
+            "pooling_type": pooling,
             "classifier_uses_pooler": sizes.pooler and sizes.classes > 0,
             "num_labels": sizes.classes,
         }

@@ -4,10 +4,12 @@ The `.npz` files are written here FROM a seeded, perturbed timm `VisionTransform
 inverting timm's own `_load_weights` mapping, in the google-research/vision_transformer
 layout (plain, `opt/target/`-prefixed, with `pre_logits`) and in big_vision's (`params/`
 and `params/img/` prefixes, per-type numbering, scanned and per-layer blocks, no class
-slot in the positions, gap without a class token). Each file is first loaded with timm's
-own `.npz` loader into a fresh timm model, whose state dict must equal the source's
-exactly; only then does `read` turn it into a canonical folder, which both backends
-load and run, to <= 1e-5 against timm (built with the same GELU form).
+slot in the positions, gap without a class token, a MAPHead, sincos2d positions left
+out). Each file is first loaded with timm's own `.npz` loader into a fresh timm model,
+whose state dict must equal the source's exactly (timm cannot read a file without
+positions: there big_vision's formula, written here with jax.numpy, fills timm's table);
+only then does `read` turn it into a canonical folder, which both backends load and run,
+to <= 1e-5 against timm (built with the same GELU form).
 """
 
 from __future__ import annotations
@@ -61,8 +63,11 @@ def npz_arrays(
     scanned: bool = False,
     prefix: str = "",
     pre_logits: tuple[np.ndarray, np.ndarray] | None = None,
+    positions: bool = True,
+    map_prefix: str = "MAPHead_0/",
 ) -> dict[str, np.ndarray]:
-    """timm's `_load_weights`, inverted: the model's weights under JAX `.npz` keys."""
+    """timm's `_load_weights`, inverted: the model's weights under JAX `.npz` keys
+    (`positions=False`: none, as a sincos2d file; `map_prefix`: where a MAPHead goes)."""
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     depth, hd = len(model.blocks), WIDTH // HEADS
     top: dict[str, np.ndarray] = {
@@ -74,7 +79,10 @@ def npz_arrays(
     if "cls_token" in sd:
         top["cls"] = sd["cls_token"]
     pos_key = "pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding"
-    top[pos_key] = sd["pos_embed"]
+    if positions:
+        top[pos_key] = sd["pos_embed"]
+    if "attn_pool.latent" in sd:
+        top.update(map_head_arrays(sd, map_prefix))
     if "head.weight" in sd:
         top["head/kernel"] = sd["head.weight"].T
         top["head/bias"] = sd["head.bias"]
@@ -112,6 +120,48 @@ def npz_arrays(
     return {prefix + k: np.ascontiguousarray(v) for k, v in top.items()}
 
 
+def map_head_arrays(sd: dict[str, np.ndarray], at: str) -> dict[str, np.ndarray]:
+    """timm's AttentionPoolLatent as big_vision's MAPHead (timm's loader, inverted)."""
+    hd = WIDTH // HEADS
+    key, value = np.split(sd["attn_pool.kv.weight"], 2)
+    key_bias, value_bias = np.split(sd["attn_pool.kv.bias"], 2)
+    mha = at + "MultiHeadDotProductAttention_0/"
+    out = {
+        at + "probe": sd["attn_pool.latent"],
+        mha + "out/kernel": sd["attn_pool.proj.weight"]
+        .reshape(WIDTH, HEADS, hd)
+        .transpose(1, 2, 0),
+        mha + "out/bias": sd["attn_pool.proj.bias"],
+        at + "LayerNorm_0/scale": sd["attn_pool.norm.weight"],
+        at + "LayerNorm_0/bias": sd["attn_pool.norm.bias"],
+    }
+    projections = {
+        "query": (sd["attn_pool.q.weight"], sd["attn_pool.q.bias"]),
+        "key": (key, key_bias),
+        "value": (value, value_bias),
+    }
+    for name, (w, bias) in projections.items():
+        out[f"{mha}{name}/kernel"] = w.T.reshape(WIDTH, HEADS, hd)
+        out[f"{mha}{name}/bias"] = bias.reshape(HEADS, hd)
+    for r in range(2):
+        out[f"{at}MlpBlock_0/Dense_{r}/kernel"] = sd[f"attn_pool.mlp.fc{r + 1}.weight"].T
+        out[f"{at}MlpBlock_0/Dense_{r}/bias"] = sd[f"attn_pool.mlp.fc{r + 1}.bias"]
+    return out
+
+
+def big_vision_sincos(height: int, width: int, dim: int) -> np.ndarray:
+    """big_vision's `posemb_sincos_2d` (models/vit.py), in jax.numpy and float32 as there:
+    per patch (row y, column x) sin/cos of x and of y times 1 / 10000^(k / (dim/4 - 1))."""
+    jnp = pytest.importorskip("jax.numpy")
+    rows, columns = jnp.mgrid[:height, :width]
+    k = jnp.arange(dim // 4) / (dim // 4 - 1)
+    frequencies = 1.0 / (10_000.0**k)
+    x = columns.reshape(-1)[:, None] * frequencies[None, :]
+    y = rows.reshape(-1)[:, None] * frequencies[None, :]
+    table = jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+    return np.asarray(table, dtype=np.float32)[None]
+
+
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     np.savez(path, **arrays)
     return path
@@ -135,14 +185,19 @@ def write_folder(weights: Any, folder: Path) -> Path:
     return folder
 
 
-def outputs(folder: Path, pixels: np.ndarray, classifier: bool) -> dict[str, dict[str, Any]]:
-    """logits (if a classifier) and last_hidden_state from both backends."""
+def outputs(
+    folder: Path, pixels: np.ndarray, classifier: bool, pooler: bool = False
+) -> dict[str, dict[str, Any]]:
+    """logits (if a classifier), last_hidden_state (and pooler_output) from both backends."""
     out: dict[str, dict[str, Any]] = {}
     for backend in ("torch", "flax"):
         x = torch.from_numpy(pixels) if backend == "torch" else pixels
         with torch.no_grad():
             base = vit_core.load(folder, backend=backend, model_type="base")
-            out[backend] = {"last_hidden_state": base(x).last_hidden_state}
+            result = base(x)
+            out[backend] = {"last_hidden_state": result.last_hidden_state}
+            if pooler and result.pooler_output is not None:  # None: a transformers ViT's
+                out[backend]["pooler_output"] = result.pooler_output
             if classifier:
                 out[backend]["logits"] = vit_core.load(folder, backend=backend)(x).logits
     return out
@@ -189,6 +244,18 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], str]] = {
         {},
         "big_vision",
     ),
+    "big_vision-map": (
+        {"class_token": False, "global_pool": "map"},
+        {"big_vision": True, "prefix": "params/"},
+        {},
+        "big_vision",
+    ),
+    "big_vision-map-scanned-headless": (  # a SigLIP image tower
+        {"class_token": False, "global_pool": "map", "num_classes": 0, "depth": 3},
+        {"big_vision": True, "prefix": "params/img/", "scanned": True},
+        {},
+        "big_vision",
+    ),
 }
 
 
@@ -209,7 +276,8 @@ def test_npz_matches_timm(oracle, tmp_path: Path, case: str) -> None:
     assert config["hidden_act"] == hints.get("hidden_act", "gelu_pytorch_tanh")
     assert config["layer_norm_eps"] == 1e-6
     assert config["use_class_token"] == timm_kwargs.get("class_token", True)
-    assert config["pooling_type"] == ("cls" if config["use_class_token"] else "mean")
+    pool = timm_kwargs.get("global_pool", "token")
+    assert config["pooling_type"] == {"token": "cls", "avg": "mean", "map": "map"}[pool]
     assert any("GELU" in a or "gelu" in a for a in weights.assumed) == ("hidden_act" not in hints)
     assert weights.processor["image_mean"] == weights.processor["image_std"] == [0.5] * 3
     img = model.patch_embed.img_size
@@ -220,10 +288,16 @@ def test_npz_matches_timm(oracle, tmp_path: Path, case: str) -> None:
     pixels = rng.standard_normal((2, 3, *img)).astype(np.float32)
     with torch.no_grad():
         x = torch.from_numpy(pixels)
-        want = {"last_hidden_state": model.forward_features(x)}
+        features = model.forward_features(x)
+        want = {
+            "last_hidden_state": features,
+            "pooler_output": model.forward_head(features, pre_logits=True),
+        }
         if model.num_classes:
             want["logits"] = model(x)
-    got = outputs(folder, pixels, classifier=bool(model.num_classes))
+    got = outputs(folder, pixels, classifier=bool(model.num_classes), pooler=True)
+    if vit_core.ViTConfig(**config).transformers_compatible:  # no embedding as pooler_output
+        del want["pooler_output"]
     for backend, fields in got.items():
         assert fields.keys() == want.keys()
         for field, value in fields.items():
@@ -366,18 +440,124 @@ def test_unknown_keys_are_refused(tmp_path: Path, good_arrays) -> None:
     bad(tmp_path, {**good_arrays, extra: np.ones(WIDTH, np.float32)}, "does not know.*LayerScale")
 
 
-def test_map_head_hybrid_and_sincos_are_refused(tmp_path: Path, oracle) -> None:
+def test_hybrid_is_refused(tmp_path: Path, oracle) -> None:
     arrays = npz_arrays(
         make_timm(oracle, seed=8, class_token=False, global_pool="avg"), big_vision=True
     )
     arrays = {"params/" + k: v for k, v in arrays.items()}
-    probe = {"params/MAPHead_0/probe": np.ones((1, 1, WIDTH), np.float32)}
-    bad(tmp_path, {**arrays, **probe}, "params/MAPHead_0/probe.*MAP")
-    no_pos = {k: v for k, v in arrays.items() if k != "params/pos_embedding"}
-    assert jax_source.detect(write_npz(tmp_path / "sincos.npz", no_pos))
-    bad(tmp_path, no_pos, "no learned position embedding.*sincos2d")
     stem = {"params/conv_root/kernel": np.ones((7, 7, 3, 8), np.float32)}
     bad(tmp_path, {**arrays, **stem}, "conv_root/kernel.*hybrid ResNet")
+
+
+def test_map_head_with_a_class_token_is_refused(tmp_path: Path, oracle) -> None:
+    """big_vision pools by a class token ('tok') or a MAP head, never both."""
+    arrays = npz_arrays(make_timm(oracle, seed=8), big_vision=True)
+    mapped = make_timm(oracle, seed=8, class_token=False, global_pool="map")
+    sd = {k: v.detach().numpy() for k, v in mapped.state_dict().items()}
+    arrays.update(map_head_arrays(sd, "MAPHead_0/"))
+    bad(tmp_path, arrays, r"both a class token \('cls'\) and a MAP head")
+
+
+def test_map_head_keys_and_inlined_layout(oracle, tmp_path: Path) -> None:
+    """MAPHead_0 -> head.*: in_proj is query, key, value rows; the ViT-G-era files with the
+    head inlined at the top level (big_vision's fix_old_checkpoints) give the same."""
+    model = make_timm(oracle, seed=14, class_token=False, global_pool="map")
+    path = write_npz(tmp_path / "map.npz", npz_arrays(model, big_vision=True, prefix="params/"))
+    inline = npz_arrays(model, big_vision=True, prefix="params/", map_prefix="")
+    assert "params/probe" in inline
+    weights = jax_source.read(path, {})
+    assert weights.config["pooling_type"] == "map" and not weights.config["use_class_token"]
+    assert not any("average" in note for note in weights.assumed)
+    got = weights.tensors
+    pool = model.attn_pool
+    want_in = torch.cat([pool.q.weight, pool.kv.weight]).detach().numpy()
+    np.testing.assert_array_equal(got["vit.head.attention.in_proj_weight"], want_in)
+    want_bias = torch.cat([pool.q.bias, pool.kv.bias]).detach().numpy()
+    np.testing.assert_array_equal(got["vit.head.attention.in_proj_bias"], want_bias)
+    np.testing.assert_array_equal(got["vit.head.probe"], pool.latent.detach().numpy())
+    np.testing.assert_array_equal(
+        got["vit.head.attention.out_proj.weight"], pool.proj.weight.detach().numpy()
+    )
+    np.testing.assert_array_equal(got["vit.head.mlp.fc1.weight"], pool.mlp.fc1.weight.detach())
+    inlined = jax_source.read(write_npz(tmp_path / "inline.npz", inline), {}).tensors
+    assert inlined.keys() == got.keys()
+    for key in got:
+        np.testing.assert_array_equal(inlined[key], got[key], err_msg=key)
+
+
+# name: (timm kwargs, hints): sincos2d files (no pos_embedding in the .npz)
+SINCOS = {
+    "gap": ({"class_token": False, "global_pool": "avg"}, {"image_size": 32}),
+    "tok": ({"no_embed_class": True}, {"image_size": 32}),
+    "map-nonsquare": (
+        {"class_token": False, "global_pool": "map", "img_size": (32, 48)},
+        {"image_size": [32, 48]},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SINCOS)
+def test_sincos2d_positions_are_written_out(oracle, tmp_path: Path, case: str) -> None:
+    """big_vision computes sincos2d positions; the converted table is its formula at the
+    grid, and the model matches timm holding that table."""
+    timm_kwargs, hints = SINCOS[case]
+    model = make_timm(oracle, seed=15 + len(case), **timm_kwargs)
+    grid = model.patch_embed.grid_size
+    table = big_vision_sincos(*grid, WIDTH)
+    with torch.no_grad():
+        model.pos_embed.copy_(torch.from_numpy(table.copy()))
+    arrays = npz_arrays(model, big_vision=True, prefix="params/", positions=False)
+    path = write_npz(tmp_path / f"sincos-{case}.npz", arrays)
+    assert jax_source.detect(path)
+    weights = jax_source.read(path, hints)
+    assert weights.source_format == "big_vision"
+    assert any("sincos2d" in note for note in weights.assumed)
+    key = "vit.embeddings.position_embeddings"
+    positions = weights.tensors[key]
+    if model.cls_token is not None:  # added before the class token: a zero row for it
+        np.testing.assert_array_equal(positions[:, 0], 0.0)
+        positions = positions[:, 1:]
+    oracle.assert_close(positions, table, f"sincos2d {case}: table vs big_vision", atol=1e-6)
+
+    result = convert(path, tmp_path / "out", overrides=hints, verify=True, progress=False)
+    report = result.verification
+    assert report.ok, report.format()
+    assert {c.output for c in report.comparisons if c.left == "timm"} >= {"logits"}
+    pixels = np.random.default_rng(3).standard_normal((2, 3, *model.patch_embed.img_size))
+    pixels = pixels.astype(np.float32)
+    with torch.no_grad():
+        x = torch.from_numpy(pixels)
+        want = {"last_hidden_state": model.forward_features(x), "logits": model(x)}
+    for backend, fields in outputs(tmp_path / "out", pixels, classifier=True).items():
+        for field, value in fields.items():
+            oracle.assert_close(value, want[field], f"jax npz sincos {case} -> {backend}: {field}")
+
+
+def test_sincos2d_without_an_image_size(oracle, tmp_path: Path) -> None:
+    """No image size given: big_vision's default 224, said in the result."""
+    model = make_timm(oracle, seed=16, class_token=False, global_pool="avg")
+    arrays = npz_arrays(model, big_vision=True, prefix="params/", positions=False)
+    weights = jax_source.read(write_npz(tmp_path / "s.npz", arrays), {})
+    assert weights.config["image_size"] == 224
+    note = next(n for n in weights.assumed if "sincos2d" in n)
+    assert "224x224" in note and "default" in note
+    got = weights.tensors["vit.embeddings.position_embeddings"]
+    oracle.assert_close(got, big_vision_sincos(28, 28, WIDTH), "sincos2d 224 default", atol=1e-6)
+    with pytest.raises(CheckpointError, match="divisible by 4"):
+        jax_source.sincos_position_table(4, 4, 6)
+    with pytest.raises(CheckpointError, match="multiple of the patch size"):
+        jax_source.read(write_npz(tmp_path / "b.npz", arrays), {"image_size": 36})
+
+
+def test_map_head_through_the_pipeline_with_verify(oracle, tmp_path: Path) -> None:
+    """--verify on a MAP-head file: timm's own .npz loader reads the MAPHead."""
+    model = make_timm(oracle, seed=17, class_token=False, global_pool="map")
+    path = write_npz(tmp_path / "siglip.npz", npz_arrays(model, big_vision=True, prefix="params/"))
+    result = convert(path, tmp_path / "out", verify=True, progress=False)
+    report = result.verification
+    assert report.ok, report.format()
+    against_timm = {c.output for c in report.comparisons if c.left == "timm"}
+    assert against_timm >= {"logits", "last_hidden_state", "pooler_output"}, report.format()
 
 
 def test_nonsquare_grid_needs_image_size(tmp_path: Path, oracle) -> None:

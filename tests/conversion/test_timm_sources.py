@@ -162,14 +162,15 @@ EXACT_VARIANTS = {
 def test_exact_timm_variants(
     oracle: Any, tmp_path: Path, variant: str, torch_one_thread: None
 ) -> None:
-    """Variants the canonical layout expresses exactly: a position table without a class
-    slot (zero row), and average pooling after the final norm (when the user says so)."""
+    """Variants of the plain model: a position table without a class slot
+    (no_embed_class), and average pooling after the final norm (said by the hint)."""
     kwargs, pooling = EXACT_VARIANTS[variant]
     model = timm_vit(oracle, img_size=32, patch_size=16, **kwargs)
     torch.save(model.state_dict(), tmp_path / "v.pth")
     overrides = {"num_attention_heads": HEADS, "pooling_type": pooling}
     result = convert(tmp_path / "v.pth", tmp_path / "out", overrides=overrides, progress=False)
     assert result.config.pooling_type == pooling
+    assert result.config.no_embed_class == kwargs.get("no_embed_class", False)
     assert_matches_timm(oracle, model, tmp_path / "out", variant)
 
 
@@ -319,15 +320,18 @@ def _bad_source(kind: str, tmp_path: Path, oracle: Any) -> Path:
         torch.save(state, path)
     elif kind == "pickle-runs-code":
         torch.save({"cls_token": torch.zeros(1), "x": _RunsCode(tmp_path / "MARKER")}, path)
-    else:  # a timm model of another family
+    else:  # a timm model of a family the canonical layout cannot express
         settings = {
-            "registers": {"reg_tokens": 4},
-            "avg-pool": {"class_token": False, "global_pool": "avg"},
-            "layer-scale": {"init_values": 1e-5},
             "qk-norm": {"qk_norm": True},
-            "map-head": {"global_pool": "map"},
+            "scale-norms": {"scale_attn_norm": True, "scale_mlp_norm": True},
+            "map-two-latents": {"global_pool": "map", "class_token": False},
         }[kind]
-        torch.save(timm_vit(oracle, img_size=32, patch_size=16, **settings).state_dict(), path)
+        model = timm_vit(oracle, img_size=32, patch_size=16, **settings)
+        if kind == "map-two-latents":
+            from timm.layers import AttentionPoolLatent
+
+            model.attn_pool = AttentionPoolLatent(WIDTH, num_heads=HEADS, latent_len=2)
+        torch.save(model.state_dict(), path)
     return path
 
 
@@ -339,11 +343,9 @@ BAD = {
     "resnet": "looks like a ResNet",
     "qkv-rows": r"blocks.1.attn.qkv.weight has 96 rows .* 3 x width = 144: inconsistent",
     "pickle-runs-code": r"refused to unpickle: it asks to call or build posix.system",
-    "registers": r"register tokens \(`reg_token`\)",
-    "avg-pool": r"LayerNorm after pooling \(`fc_norm`\)",
-    "layer-scale": r"layer scale \(`ls1.gamma`",
     "qk-norm": r"query/key normalisation",
-    "map-head": r"attention-pooling head \(`attn_pool`\)",
+    "scale-norms": r"extra LayerNorms inside the blocks \(scale_attn_norm / scale_mlp_norm",
+    "map-two-latents": r"latent_len=2\); the canonical MAP head has one probe",
 }
 
 
@@ -356,9 +358,9 @@ def test_bad_sources_fail_clearly_and_leave_nothing(oracle: Any, tmp_path: Path,
     assert not (tmp_path / "MARKER").exists()  # the pickle's code never ran
 
 
-def test_non_vit_timm_file_is_refused_even_when_forced(oracle: Any, tmp_path: Path) -> None:
-    source = _bad_source("registers", tmp_path, oracle)
+def test_inexpressible_timm_file_is_refused_even_when_forced(oracle: Any, tmp_path: Path) -> None:
+    source = _bad_source("qk-norm", tmp_path, oracle)
     assert timm_reader.detect(source)  # it is a timm file ...
-    with pytest.raises(CheckpointError, match="not a plain ViT"):  # ... but not a plain ViT
+    with pytest.raises(CheckpointError, match="cannot express"):  # ... of another function
         convert(source, tmp_path / "out", source="timm", overrides={"num_attention_heads": 3})
     assert leftovers(tmp_path) == []

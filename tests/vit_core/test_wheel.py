@@ -27,6 +27,7 @@ SHIPPED_FILES = (
     "vit_core/assets/vit-digits/config.json",
     "vit_core/assets/vit-digits/preprocessor_config.json",
     "vit_core/py.typed",
+    "vit_core/timm_names.json",
     "vit_torch/py.typed",
     "vit_flax/py.typed",
 )
