@@ -36,7 +36,7 @@ bench: $(STAMP)
 # (docs/parity.json, written here) and the last `make bench` (benchmarks/results/bench.json).
 # The one test that checks the README against those files runs after, in `make test`.
 readme: $(STAMP)
-	$(PY) -m pytest -q --parity-json docs/parity.json \
+	$(PY) -m pytest -q tests --parity-json docs/parity.json \
 		--deselect tests/vit_core/test_docs.py::test_readme_tables_are_the_generated_ones
 	$(PY) scripts/readme_tables.py
 

@@ -35,6 +35,7 @@ BOUND = 1e-5
 # their comparisons "<reference>...: <output>"); the first matching pattern wins.
 PARITY_GROUPS = (
     (r"twins: ", "our torch vs our flax, random architectures (hypothesis), every output"),
+    (r"compiled torch ", "compile=True (torch.compile, frozen weights) vs eager"),
     (r"torch .*-> transformers", "folders written by our torch, loaded in transformers"),
     (r"flax .*-> transformers", "folders written by our flax, loaded in transformers"),
     (r"torch ", "our torch vs transformers (PyTorch): forward, losses, interpolation"),

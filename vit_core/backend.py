@@ -39,12 +39,22 @@ class BackendEntry:
 
     module: str
     extra: str
+    computes: str  # how, for a refusal of another backend's option
     options: tuple[str, ...] = ()
 
 
 REGISTRY: dict[str, BackendEntry] = {
-    "torch": BackendEntry("vit_torch.backend", "torch", ("quantize", "calibration")),
-    "flax": BackendEntry("vit_flax.backend", "flax"),
+    "torch": BackendEntry(
+        "vit_torch.backend",
+        "torch",
+        "runs eagerly in float32 or dtype= (e.g. 'bfloat16')",
+        ("quantize", "calibration", "compile"),
+    ),
+    "flax": BackendEntry(
+        "vit_flax.backend",
+        "flax",
+        "is always compiled (jax.jit, XLA) and computes in float32 or dtype= (e.g. 'bfloat16')",
+    ),
 }
 BACKENDS: tuple[str, ...] = tuple(REGISTRY)
 
@@ -103,10 +113,14 @@ def check_backend_name(name: str) -> None:
 
 
 def backend_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options given (not None) for backend `name`; one that belongs to another
-    backend is refused, naming the backend that takes it."""
+    """The options given (not None or False) for backend `name`; one that belongs to
+    another backend is refused, naming the backend that takes it."""
     check_backend_name(name)
-    given = {option: value for option, value in options.items() if value is not None}
+    given = {
+        option: value
+        for option, value in options.items()
+        if value is not None and value is not False
+    }
     for option, value in given.items():
         if option in REGISTRY[name].options:
             continue
@@ -115,7 +129,7 @@ def backend_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
             raise TypeError(f"load() got an unexpected keyword argument {option!r}")
         raise InputError(
             f"{option}={value!r} runs on the {' or '.join(owners)} backend; the {name} "
-            "backend computes in float32 or dtype= (e.g. 'bfloat16')"
+            f"backend {REGISTRY[name].computes}"
         )
     return given
 

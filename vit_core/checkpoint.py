@@ -9,7 +9,7 @@ are refused. What is done with each stored dtype is `DTYPE_POLICY` (and docs/err
 from __future__ import annotations
 
 import mmap
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +76,15 @@ def read_tensors(weights: Path) -> dict[str, np.ndarray]:
     The header is checked first (`read_header`: sizes, offsets, duplicate names), then
     the dtypes (`DTYPE_POLICY`), then the values (`check_finite`). The arrays are views
     of a copy-on-write memory map (`map_tensors`): the file is read once, by the page
-    cache, and never copied whole into memory.
+    cache, and never copied whole into memory. Each tensor's pages leave this process as
+    soon as it is checked: reading it again is a minor fault from the page cache, and a
+    tensor the model never reads again (a weight quantized to int8, query/key/value once
+    fused) then never comes back, so int8 models need no float copy in memory.
     """
     header = read_header(weights)
     check_dtypes(header)
     tensors = map_tensors(header)
-    check_finite(tensors, str(weights))
+    check_finite(tensors, str(weights), checked=release_pages)
     return tensors
 
 
@@ -114,9 +117,13 @@ def map_tensors(header: Header) -> dict[str, np.ndarray]:
 def release_pages(array: np.ndarray) -> None:
     """Drop the pages that lie wholly inside a mapped tensor from this process's memory.
 
-    For tensors that were copied into another buffer and are never read again (query, key
-    and value, once fused): their pages would otherwise stay resident for as long as the
-    model holds the rest of the map. A tensor that is not mapped is left alone.
+    For tensors that were only read to check them (`read_tensors`), copied into another
+    buffer (query, key and value, once fused) or replaced by another form (weights
+    quantized to int8): their pages would otherwise stay resident for as long as the model
+    holds the rest of the map. Reading the tensor again faults its pages back in from the
+    page cache. Only for tensors never written: a written page of this copy-on-write map is
+    private, and dropping it would bring back the file's values. A tensor that is not
+    mapped is left alone.
     """
     owner: Any = array
     while isinstance(owner.base, np.ndarray):
@@ -172,11 +179,15 @@ def check_dtypes(header: Header) -> None:
     )
 
 
-def non_finite_report(tensors: Mapping[str, np.ndarray]) -> str | None:
+def non_finite_report(
+    tensors: Mapping[str, np.ndarray], checked: Callable[[np.ndarray], None] | None = None
+) -> str | None:
     """'N tensor(s) hold non-finite values: key: 2 NaN of 768 values; ...', or None.
 
     Counted in each float tensor: NaN, +-inf, and float64 values beyond float32's range
-    (they would become inf in the float32 model).
+    (they would become inf in the float32 model). `checked` is called with each tensor
+    once it is counted (`read_tensors` gives its mapped pages back there, one tensor at a
+    time, so checking never holds the whole file resident).
     """
     problems = []
     for key, value in tensors.items():
@@ -187,6 +198,8 @@ def non_finite_report(tensors: Mapping[str, np.ndarray]) -> str | None:
         big = 0
         if value.dtype == np.float64:
             big = int(np.count_nonzero(np.abs(np.nan_to_num(value)) > _FLOAT32_MAX)) - inf
+        if checked is not None:
+            checked(value)
         if nan or inf or big:
             parts = [f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "inf")) if n]
             parts += [f"{big} beyond float32's range"] if big else []
@@ -197,13 +210,18 @@ def non_finite_report(tensors: Mapping[str, np.ndarray]) -> str | None:
     return f"{len(problems)} tensor(s) hold non-finite values: {'; '.join(problems[:5])}{more}"
 
 
-def check_finite(tensors: Mapping[str, np.ndarray], source: str) -> None:
+def check_finite(
+    tensors: Mapping[str, np.ndarray],
+    source: str,
+    checked: Callable[[np.ndarray], None] | None = None,
+) -> None:
     """Refuse NaN or infinite weights, and float64 values that overflow float32.
 
     A trained checkpoint never holds them: the model would answer NaN for every input.
-    The error names each tensor and how many values are bad.
+    The error names each tensor and how many values are bad. `checked` is called with
+    each tensor once it is checked (see `non_finite_report`).
     """
-    report = non_finite_report(tensors)
+    report = non_finite_report(tensors, checked)
     if report:
         raise CheckpointError(
             f"{source}: {report}. A usable model never does (the file is corrupt, or "

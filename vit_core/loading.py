@@ -72,6 +72,7 @@ def load(
     *,
     quantize: str | None = None,
     calibration: Any = None,
+    compile: bool = False,
 ) -> Any: ...
 
 
@@ -140,7 +141,9 @@ def load(
 
     Backend options go to the backend (`vit_core.backend.REGISTRY` says which takes what):
     the torch backend's `quantize="int8"` / `"int8-static"` with `calibration=` run the
-    encoder as int8 matmuls (`vit_torch.quantization`: faster on CPUs, inference only).
+    encoder as int8 matmuls (`vit_torch.quantization`: faster on CPUs, inference only);
+    its `compile=True` runs plain calls through `torch.compile` with frozen weights
+    (`vit_torch.compiled`: each input shape compiles once, at its first call).
     """
     options = backend_options(backend, options)
     if model_type not in MODEL_TYPES:

@@ -27,9 +27,19 @@ from vit_torch.weights import assign_internal_weights
 QUANTIZATIONS = ("int8", "int8-static")  # `quantize=`: dynamic and static int8
 
 
-def check_options(dtype: Any, quantize: str | None = None, calibration: Any = None) -> None:
-    """Refuse, before any tensor is read, what int8 cannot do (a package error, so the
-    CLIs print it as one line); the quantization code itself is imported only if used."""
+def check_options(
+    dtype: Any, quantize: str | None = None, calibration: Any = None, compile: bool = False
+) -> None:
+    """Refuse, before any tensor is read, what int8 and compile cannot do (a package
+    error, so the CLIs print it as one line); their code is imported only if used."""
+    if not isinstance(compile, bool):
+        raise InputError(f"compile= takes True or False, not {compile!r}")
+    if compile and quantize is not None:
+        raise InputError(
+            f"compile=True compiles the float model; quantize={quantize!r} cannot be "
+            "combined with it (int8-static is compiled already; int8 runs eager "
+            "int8 kernels)"
+        )
     if calibration is not None and quantize != "int8-static":
         raise InputError(
             "calibration= sets the activation scales of quantize='int8-static'; "
@@ -63,22 +73,32 @@ def build(
     model_class: type | None = None,
     quantize: str | None = None,
     calibration: Any = None,
+    compile: bool = False,
 ) -> Any:
-    """The torch twin of `kind` (or `model_class`) in eval mode, holding `internal`."""
+    """The torch twin of `kind` (or `model_class`) in eval mode, holding `internal`;
+    compiled (`vit_torch.compiled`) or quantized if asked."""
     cls = class_to_build(kind, ViTForImageClassification, ViTModel, model_class)
     with torch.device("meta"):
         model = cls(config) if kind.classifier else cls(config, add_pooling_layer=kind.pooler)
     # float32 unless asked otherwise, whatever the file stores (as transformers and the twin do)
     torch_dtype = getattr(torch, str(dtype).removeprefix("torch.")) if dtype else torch.float32
     assign_internal_weights(model, internal, torch_dtype).eval()
-    if quantize == "int8":
-        from vit_torch.quantization import quantize_encoder
+    if quantize in QUANTIZATIONS:
+        from vit_core.checkpoint import release_pages
+        from vit_torch.quantization import quantize_encoder, quantize_static
 
-        return quantize_encoder(model)
-    if quantize == "int8-static":
-        from vit_torch.quantization import quantize_static
+        def release(name: str) -> None:
+            """A float weight read as far as int8 needs it: its mapped pages leave memory
+            (a later read faults them back in from the page cache)."""
+            release_pages(internal[name])
 
-        return quantize_static(model, calibration)
+        if quantize == "int8":
+            return quantize_encoder(model, release)
+        return quantize_static(model, calibration, release)
+    if compile:
+        from vit_torch.compiled import CompiledViT
+
+        return CompiledViT(model)
     return model
 
 

@@ -23,23 +23,22 @@ stay float32 in both: under 0.1 % of the time, and they carry the logits' precis
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch._inductor import config as inductor_config
-from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+from torch.ao.quantization import per_channel_dynamic_qconfig
 
 from vit_core.config import ViTConfig
 from vit_core.errors import InputError, ViTError
 from vit_core.layout import ModelKind
 from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from vit_torch.compiled import check_compiler, frozen_weights, quiet
 from vit_torch.modeling import ViTPreTrainedModel
 
 _DEPRECATION_NOTICES = r".*(torch\.ao\.quantization is deprecated|quantized tensor creation)"
@@ -47,13 +46,28 @@ CALIBRATION_BATCH = 8  # images per calibration forward: observers see every ima
 FLOAT_MODULES = ("classifier", "pooler")  # submodule names kept in float32 in both forms
 
 
-def quantize_encoder(model: nn.Module) -> nn.Module:
-    """`model` with every encoder Linear (qkv, proj, fc1, fc2) replaced by its int8 form."""
-    encoder = next(m for name, m in model.named_modules() if name.endswith("encoder"))
+def quantize_encoder(model: nn.Module, release: Callable[[str], None] | None = None) -> nn.Module:
+    """`model` with every encoder Linear (qkv, proj, fc1, fc2) replaced by its int8 form.
+
+    One Linear at a time, each swapped out before the next is read, and `release` is
+    called with the state-dict name of each float weight once it is replaced (the torch
+    backend gives the weight's mapped pages back there): so the float weights are never
+    all in memory at once, and none stays once the model is built. The int8 form is
+    `quantize_dynamic`'s (the same observer and kernels, so the same numbers), made per
+    module instead of for the whole encoder in one pass.
+    """
+    prefix, encoder = next((n, m) for n, m in model.named_modules() if n.endswith("encoder"))
+    # names, not modules: a list of the float Linears would keep every one alive
+    names = [name for name, m in encoder.named_modules() if type(m) is nn.Linear]
     with warnings.catch_warnings():  # torch's deprecation notices (see above) are not news
         warnings.filterwarnings("ignore", message=_DEPRECATION_NOTICES)
-        plan = {nn.Linear: per_channel_dynamic_qconfig}
-        quantize_dynamic(encoder, plan, dtype=torch.qint8, inplace=True)
+        for name in names:
+            parent, _, leaf = name.rpartition(".")
+            linear = encoder.get_submodule(name)
+            linear.qconfig = per_channel_dynamic_qconfig
+            setattr(encoder.get_submodule(parent), leaf, Int8Linear.from_float(linear))
+            if release is not None:
+                release(f"{prefix}.{name}.weight")
     return model.eval()
 
 
@@ -89,7 +103,7 @@ class StaticInt8ViT(nn.Module):
             )
         self.config.check_pixel_shape(tuple(pixel_values.shape), False)
         # frozen weights let inductor fold the quantize steps (set as the compile runs)
-        with torch.no_grad(), inductor_config.patch(freezing=True), _quiet():
+        with torch.no_grad(), frozen_weights(), quiet():
             outputs = self._compiled(pixel_values.float())
         out: ImageClassifierOutput | BaseModelOutputWithPooling
         if self.kind.classifier:
@@ -122,24 +136,145 @@ class _Outputs(nn.Module):
         return (out.last_hidden_state, out.pooler_output)
 
 
-def quantize_static(model: ViTPreTrainedModel, calibration: Any) -> StaticInt8ViT:
+def quantize_static(
+    model: ViTPreTrainedModel, calibration: Any, release: Callable[[str], None] | None = None
+) -> StaticInt8ViT:
     """`model` exported, calibrated on `calibration` (pixel values (N, C, H, W) as the
-    image processor makes them), quantized to int8 and compiled for x86 CPUs."""
+    image processor makes them), quantized to int8 and compiled for x86 CPUs.
+
+    The float weights are never all resident at once, and none stays: `release` is
+    called with a weight's state-dict name once a calibration pass has read it (it is
+    read again from the page cache by the next pass) and once its int8 form exists, and
+    the converted graph keeps only what it reads (`_drop_unread`).
+    """
     pixels = _calibration_tensor(calibration, model.config)
     quantizer = _x86_quantizer()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    float_names = set(model.state_dict())
+
+    def release_float(target: str) -> None:
+        name = target.removeprefix("model.")  # the path under `_Outputs`
+        if release is not None and name in float_names:
+            release(name)
+
     example = torch.zeros((2, *pixels.shape[1:]))  # batch 2: export keeps the batch symbolic
     batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet():
         exported = torch.export.export(
             _Outputs(model.eval()), (example,), dynamic_shapes=({0: batch},)
         )
         prepared = prepare_pt2e(exported.module(), quantizer)
+        calibrate = _ReleasingInterpreter(prepared, release_float)
         for start in range(0, len(pixels), CALIBRATION_BATCH):
-            prepared(pixels[start : start + CALIBRATION_BATCH])
-        converted = convert_pt2e(prepared)
+            calibrate.run(pixels[start : start + CALIBRATION_BATCH])
+        del calibrate
+        converted = convert_pt2e(prepared, fold_quantize=False)
+        _fold_weight_quantization(converted, release_float)
+    _forget_cached_modules()
+    for target in _drop_unread(converted):
+        release_float(target)
     return StaticInt8ViT(converted, model.config, model.kind)
+
+
+class _ReleasingInterpreter(torch.fx.Interpreter):
+    """The prepared graph run node by node (the same ops, so the same observed ranges),
+    calling `release` with each weight's attribute path once the last node reading it
+    has run: a plain call would leave every float weight resident by its end (330 MiB at
+    ViT-B/16, all at once, on top of the int8 ones being made)."""
+
+    def __init__(self, graph: torch.fx.GraphModule, release: Callable[[str], None]) -> None:
+        super().__init__(graph)
+        self.release = release
+        order = {node: i for i, node in enumerate(graph.graph.nodes)}
+        self.after: dict[torch.fx.Node, list[str]] = {}
+        for node in graph.graph.find_nodes(op="get_attr"):
+            readers = set(node.users)
+            for reader in list(readers):  # a weight observer passes the weight through
+                if reader.op == "call_module":
+                    readers |= set(reader.users)
+            if readers:
+                self.after.setdefault(max(readers, key=order.__getitem__), []).append(
+                    str(node.target)
+                )
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        for target in self.after.get(n, ()):
+            self.release(target)
+        return out
+
+
+def _fold_weight_quantization(graph: torch.fx.GraphModule, release: Callable[[str], None]) -> None:
+    """Fold each weight's quantize step into an int8 constant, one weight at a time,
+    calling `release` with the float weight's attribute path as soon as it is folded.
+
+    What `convert_pt2e(fold_quantize=True)` does (the same op on the same tensors, the
+    result registered the same way), except that it folds every weight in one pass and
+    so holds all the float weights resident while it runs. Only quantize steps whose
+    inputs are all attributes are folded here; anything else is left to inductor's
+    freezing, which folds it at compile time as before.
+    """
+    from torchao.quantization.pt2e.constant_fold import replace_node_with_constant
+
+    quantize_ops = {
+        torch.ops.quantized_decomposed.quantize_per_channel.default,
+        torch.ops.quantized_decomposed.quantize_per_tensor.default,
+    }
+    for node in list(graph.graph.nodes):
+        sources = node.all_input_nodes
+        if node.target not in quantize_ops or not sources:
+            continue
+        if any(source.op != "get_attr" for source in sources):
+            continue
+        args, kwargs = torch.fx.node.map_arg(
+            (node.args, node.kwargs), lambda source: _attribute(graph, str(source.target))
+        )
+        replace_node_with_constant(graph, node, node.target(*args, **kwargs))
+        for source in sources:
+            if not source.users:
+                graph.graph.erase_node(source)
+                release(str(source.target))
+    graph.graph.lint()
+    graph.recompile()
+
+
+def _attribute(graph: torch.fx.GraphModule, target: str) -> Any:
+    owner, _, leaf = target.rpartition(".")
+    return getattr(graph.get_submodule(owner), leaf)
+
+
+def _drop_unread(graph: torch.fx.GraphModule) -> list[str]:
+    """Remove from `graph` the parameters and buffers no node reads; their names.
+
+    convert_pt2e's folding erases the graph's reads of each float weight it turns into
+    an int8 constant, but deletes only top-level attributes, and `_fold_weight_quantization`
+    leaves them too: the float weights, nested under the exported module's paths, would
+    stay (330 MiB at ViT-B/16, for as long as the model lives).
+    """
+    read = [str(node.target) for node in graph.graph.nodes if node.op == "get_attr"]
+    prefixes = tuple(f"{target}." for target in read)  # a read submodule keeps its own
+    unread = [
+        name
+        for name, _ in [*graph.named_parameters(), *graph.named_buffers()]
+        if name not in read and not name.startswith(prefixes)
+    ]
+    for name in unread:
+        owner, _, leaf = name.rpartition(".")
+        delattr(graph.get_submodule(owner), leaf)
+    return unread
+
+
+def _forget_cached_modules() -> None:
+    """Empty torchao's cache of module -> device, which holds every module it was asked
+    about (`functools.cache` keeps its arguments): the exported and the prepared graph,
+    and with them every float weight (330 MiB at ViT-B/16), for the life of the process.
+    A private function: if a later torchao renames it, there is nothing to forget."""
+    import torchao.utils
+
+    cached: Any = getattr(torchao.utils, "_assert_and_get_unique_device", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
 
 
 def _calibration_tensor(calibration: Any, config: ViTConfig) -> torch.Tensor:
@@ -162,14 +297,14 @@ def _x86_quantizer() -> Any:
     """torchao's x86 quantizer (uint8 activations per tensor, int8 weights per channel),
     with the classifier and pooler left in float32."""
     try:
-        with _quiet():
+        with quiet():
             from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
     except ImportError:
         raise InputError(
             "quantize='int8-static' needs torchao: pip install 'vit-twin[int8]' "
             "(or quantize='int8', which needs nothing more)"
         ) from None
-    _check_compiler()
+    check_compiler("quantize='int8-static'")
     quantizer = x86.X86InductorQuantizer()
     # Without VNNI the u8 x s8 kernels sum pairs of products in int16, which saturates on
     # full-range activations (logits off by ~1 on the digits model); 7-bit ones cannot.
@@ -188,33 +323,3 @@ def cpu_has_vnni() -> bool:
     except OSError:  # not Linux: assume the worst; 7-bit activations are right everywhere
         return False
     return any(flag in cpuinfo.split() for flag in ("avx512_vnni", "avx_vnni"))
-
-
-def _check_compiler() -> None:
-    """inductor writes C++ for the CPU: fail here, not at the first call, if it cannot."""
-    from torch._inductor import cpp_builder
-
-    try:
-        cpp_builder.get_cpp_compiler()
-    except Exception as error:
-        raise InputError(
-            f"quantize='int8-static' compiles C++ kernels with torch.compile and found no "
-            f"C++ compiler ({error}); install g++ (or set CXX), or use quantize='int8'"
-        ) from None
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """torchao's import, export and inductor's lowering warn about torch's own internals
-    (deprecations, tensor copies), which are not the user's news."""
-    loggers = [logging.getLogger(f"torch.utils.{name}") for name in ("_pytree", "cpp_extension")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)

@@ -42,6 +42,56 @@ def test_encoder_linears_become_int8_and_the_head_stays_float() -> None:
     assert type(model.classifier) is nn.Linear and not model.training
 
 
+def test_int8_built_layer_by_layer_is_quantize_dynamic_exactly(
+    heldout: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """The one-Linear-at-a-time build (no float copy kept) is torch's recipe, bit for bit."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    reference = vit_core.load(SHIPPED)
+    plan = {nn.Linear: per_channel_dynamic_qconfig}
+    quantize_dynamic(reference.vit.encoder, plan, dtype=torch.qint8, inplace=True)
+    pixels = heldout[0][:16]
+    ours = _logits(vit_core.load(SHIPPED, quantize="int8"), pixels)
+    np.testing.assert_array_equal(ours, _logits(reference, pixels))
+
+
+def _encoder_linear_weights(model: nn.Module) -> set[str]:
+    """State-dict names of the float model's encoder Linear weights (what int8 replaces)."""
+    return {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and ".encoder." in f".{name}."
+    }
+
+
+def _float_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every float tensor a module holds: parameters, buffers, and the weights and biases
+    inside int8 Linears' packed parameters."""
+    tensors = [*module.parameters(), *module.buffers()]
+    for sub in module.modules():
+        if isinstance(sub, Int8Linear):
+            weight, bias = sub._weight_bias()
+            tensors += [weight] + ([bias] if bias is not None else [])
+    return [t for t in tensors if t.is_floating_point()]
+
+
+def test_an_int8_model_holds_no_float_copy_of_the_weights_it_replaced() -> None:
+    """Structural: the int8 model's float tensors are only what stays float (embeddings,
+    norms, biases, head), and each replaced float weight was handed back for release."""
+    from vit_torch.quantization import quantize_encoder
+
+    full = vit_core.load(SHIPPED)
+    replaced = _encoder_linear_weights(full)
+    kept = {k: v for k, v in full.state_dict().items() if k not in replaced}
+    model = vit_core.load(SHIPPED, quantize="int8")
+    float_bytes = sum(t.numel() * t.element_size() for t in _float_tensors(model))
+    assert float_bytes == sum(v.numel() * v.element_size() for v in kept.values())
+    released: list[str] = []
+    quantize_encoder(vit_core.load(SHIPPED), release=released.append)
+    assert sorted(released) == sorted(replaced)
+
+
 def test_int8_agrees_with_float32_on_the_heldout_digits(
     heldout: tuple[np.ndarray, np.ndarray],
 ) -> None:
@@ -133,6 +183,41 @@ def test_int8_static_quantizes_the_encoder_and_keeps_pooler_and_head_float(
             (int8_weights if dequantized else float_weights).add(module.removeprefix("model."))
     assert float_weights == {"vit.pooler.dense", "classifier"}
     assert len(int8_weights) == 1 + 4 * config.num_hidden_layers  # patch conv + 4 per layer
+
+
+def test_int8_static_holds_no_float_copy_and_folds_as_torchao_does(tmp_path: Path) -> None:
+    """The converted graph keeps no float form of a weight it quantized, each one was
+    handed back for release, and the graph (run eagerly, before any compile) is exactly
+    torchao's own: calibrated by a plain call, folded by convert_pt2e."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from vit_torch.quantization import _Outputs, _x86_quantizer, quantize_static
+
+    write_folder(tmp_path, TINY_DROPOUT_CONFIG, ModelKind(classifier=True, pooler=False), seed=0)
+    calibration = np.random.default_rng(0).standard_normal((12, 3, 8, 8), dtype=np.float32)
+    full = vit_core.load(tmp_path)
+    released: list[str] = []
+    model = quantize_static(vit_core.load(tmp_path), calibration, release=released.append)
+    quantized = _encoder_linear_weights(full) | {"vit.embeddings.patch_embeddings.weight"}
+    assert quantized <= set(released)
+    names = {name.removeprefix("model.") for name, _ in model.graph.named_parameters()}
+    names |= {name.removeprefix("model.") for name, _ in model.graph.named_buffers()}
+    assert not names & quantized
+    # its float matrices are the float model's unquantized ones (scales are vectors)
+    held = [t for t in _float_tensors(model.graph) if t.ndim > 1]
+    kept = [v for k, v in full.state_dict().items() if k not in quantized and v.ndim > 1]
+    assert sorted(t.numel() for t in held) == sorted(v.numel() for v in kept)
+
+    pixels = torch.from_numpy(calibration)
+    example = torch.zeros((2, 3, 8, 8))
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        exported = torch.export.export(_Outputs(full), (example,), dynamic_shapes=({0: batch},))
+        prepared = prepare_pt2e(exported.module(), _x86_quantizer())
+        prepared(pixels[:8])
+        prepared(pixels[8:])
+        reference = convert_pt2e(prepared)
+        torch.testing.assert_close(model.graph(pixels), reference(pixels), rtol=0, atol=0)
 
 
 def test_int8_static_runs_any_batch_size_with_the_same_rows(
