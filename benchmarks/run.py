@@ -90,6 +90,10 @@ class Result:
     def case(self) -> Case:
         return Case(self.model, self.batch, self.size)
 
+    def percent_of_peak(self, peak_gflops: float) -> float:
+        """The share of the machine's float32 matmul rate this row's flop rate is."""
+        return 100 * self.images_per_second * self.gflop_per_image / peak_gflops
+
 
 @dataclass(frozen=True)
 class Ratio:
@@ -268,7 +272,8 @@ def child_peak_rss(impl: str, name: str, batch: int, folder: Path) -> float:
     script = (
         "import sys, numpy as np; sys.path.insert(0, sys.argv[1]); from benchmarks.run import *; "
         "run = IMPLEMENTATIONS[sys.argv[2]](sys.argv[3], Path(sys.argv[5])); "
-        "x = np.zeros((int(sys.argv[4]), 3, 224, 224), np.float32); run(x); run(x); "
+        "size = ViTConfig.from_json_file(Path(sys.argv[5]) / 'config.json').image_size; "
+        "x = np.zeros((int(sys.argv[4]), 3, size, size), np.float32); run(x); run(x); "
         "print(peak_rss_mib())"
     )
     args = [str(ROOT), impl, name, str(batch), str(folder)]
@@ -525,9 +530,7 @@ def table(results: list[Result], peak: float) -> str:
         lines.append(
             f"| {r.model} | {r.size} | {r.batch} | {r.impl} | {r.images_per_second:.2f} | "
             f"{1000 * r.median:.1f} | {rss} | "
-            f"{100 * r.images_per_second * r.gflop_per_image / peak:.0f} % | "
-            + " | ".join(ratios)
-            + f" | {verdict(r, same)} |"
+            f"{r.percent_of_peak(peak):.0f} % | " + " | ".join(ratios) + f" | {verdict(r, same)} |"
         )
     return "\n".join(lines)
 
@@ -557,7 +560,7 @@ def plot(results: list[Result], peak: float, path: Path) -> None:
     labels = [f"{c.model} {c.size} b{c.batch}" for c in cases]
     for impl in impls:
         points = [
-            (i, 100 * r.images_per_second * r.gflop_per_image / peak)
+            (i, r.percent_of_peak(peak))
             for i, case in enumerate(cases)
             for r in results
             if r.case == case and r.impl == impl

@@ -112,15 +112,16 @@ def check_backend_name(name: str) -> None:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(REGISTRY)}")
 
 
+def is_given(value: Any) -> bool:
+    """Whether an option value asks for something: None is unset and False is off."""
+    return value is not None and value is not False
+
+
 def backend_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """The options given (not None or False) for backend `name`; one that belongs to
     another backend is refused, naming the backend that takes it."""
     check_backend_name(name)
-    given = {
-        option: value
-        for option, value in options.items()
-        if value is not None and value is not False
-    }
+    given = {option: value for option, value in options.items() if is_given(value)}
     for option, value in given.items():
         if option in REGISTRY[name].options:
             continue

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vit_core.backend import is_given
 from vit_core.errors import InputError
 from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from vit_torch.modeling import ViTPreTrainedModel
@@ -61,8 +62,8 @@ class CompiledViT(nn.Module):
         self, pixel_values: torch.Tensor, return_dict: bool = True, **options: Any
     ) -> ImageClassifierOutput | BaseModelOutputWithPooling | tuple[Any, ...]:
         shape = tuple(pixel_values.shape)
-        given = [options.get(name) for name in _EAGER_ONLY]
-        if any(v is not None and v is not False for v in given) or not self._compilable(shape):
+        eager_only = any(is_given(options.get(name)) for name in _EAGER_ONLY)
+        if eager_only or not self._compilable(shape):
             return self.model(pixel_values, return_dict=return_dict, **options)
         self.config.check_pixel_shape(shape, False)
         with torch.no_grad(), compiling():
