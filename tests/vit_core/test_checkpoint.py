@@ -32,7 +32,10 @@ def test_read_tensors_checks_every_value_and_keeps_none_resident(tmp_path: Path)
 
 
 def test_check_finite_hands_each_tensor_on_once_checked() -> None:
-    tensors = {"a": np.ones(4, np.float32), "b": np.zeros((2, 2), np.float16)}
+    tensors: dict[str, np.ndarray] = {
+        "a": np.ones(4, np.float32),
+        "b": np.zeros((2, 2), np.float16),
+    }
     checked: list[np.ndarray] = []
     check_finite(tensors, "here", checked=checked.append)
     assert [id(t) for t in checked] == [id(t) for t in tensors.values()]
