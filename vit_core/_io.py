@@ -2,7 +2,8 @@
 
 Two kinds of write, both all-or-nothing for a reader:
 
-- `atomic_write_bytes`: one file, written beside its target and renamed over it.
+- `atomic_write_bytes` (bytes in memory) and `atomic_path` (a writer that opens the file
+  itself): one file, written beside its target and renamed over it.
 - `staged_folder`: a whole folder, written into a hidden temp folder beside the target
   and moved into place by rename. `vit_core.loading.save_folder` (both twins'
   `save_pretrained`) and `python -m conversion` both write through it. A process killed
@@ -61,20 +62,18 @@ def local_path(path: str | os.PathLike[str]) -> Path:
 
 
 # --------------------------------------------------------------------- one file
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` so that a reader sees the old file or the new one, never half.
-
-    The new file gets the permissions of an ordinary new file (0o666 less the umask),
-    not the owner-only ones of a temp file.
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A hidden temp path beside `path` for a writer that opens the file itself (a
+    memory map, a Parquet writer); when the block ends normally it is flushed to disk and
+    renamed over `path`, on any error removed. A reader sees the old file or the new one,
+    never half, and a process killed in the block leaves at most the hidden temp file.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -83,7 +82,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
                 f"{path}: cannot write the file ({exc}); the previous file, if any, is unchanged"
             ) from exc
         raise
-    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` so that a reader sees the old file or the new one, never half.
+
+    The new file gets the permissions of an ordinary new file (0o666 less the umask),
+    not the owner-only ones of a temp file.
+    """
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

@@ -89,6 +89,20 @@ class Backend(Protocol):
         """The model's outputs on numpy pixels (N, C, H, W), as float32 numpy arrays."""
         ...
 
+    def intermediates(
+        self,
+        model: Any,
+        pixels: np.ndarray,
+        indices: Sequence[int],
+        norm: bool,
+        interpolate_pos_encoding: bool | str = False,
+    ) -> list[np.ndarray]:
+        """The outputs of the blocks `indices` names (negative from the end), in block
+        order: each (N, T, D) float32 with every token (prefix tokens first), after the
+        final norm if `norm`; no later block is run (`forward_intermediates` with
+        `stop_early`). A classifier gives its encoder's."""
+        ...
+
     def batch_runner(self, model: Any, workers: int) -> tuple[Callable[[np.ndarray], Outputs], str]:
         """`run` as `predict` uses it on a stream of batches, and how it runs (with
         `workers` decoding), in words."""

@@ -188,6 +188,13 @@ RESULT_FORMATS = (".csv", ".json")
 TopK = list[tuple[str, float]]
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise probabilities, computed in float64 so tiny ones do not underflow to 0."""
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
 def top_k(probabilities: np.ndarray, k: int, id2label: dict[int, str]) -> TopK:
     """(label, probability) of the k most probable classes; ties keep the lower index."""
     order = np.argsort(-probabilities, kind="stable")[:k]

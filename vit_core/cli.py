@@ -1,10 +1,12 @@
-"""The command line: `python -m vit_core demo | predict | explain | info`.
+"""The command line: `python -m vit_core demo | predict | embed | explain | info`.
 
 `demo` is the end-to-end proof a user can run in seconds: one safetensors file, loaded by
 both twins, classifies the same preprocessed digits with the same answers. `predict` is the
 smallest useful tool on top of `vit_core.load`, and scales to folders: images are streamed
-in batches (`vit_core.batching`), never all held at once. `explain` draws where the model
-looked (`vit_core.explain`), with the same numpy arithmetic for both twins. Errors the
+in batches (`vit_core.batching`), never all held at once. `embed` streams them the same
+way into an embeddings file (`vit_core.embedding`) that a killed run resumes. `explain`
+draws where the model looked (`vit_core.explain`), with the same numpy arithmetic for both
+twins. Errors the
 package foresees (`ViTError`) end as one `error: ...` line and exit status 2; `--debug`
 shows the traceback instead.
 """
@@ -27,9 +29,11 @@ import numpy as np
 
 import vit_core
 from vit_core.backend import BACKENDS, get_backend
+from vit_core.batching import softmax
 from vit_core.config import ViTConfig
-from vit_core.errors import ImageError, ViTError
-from vit_core.processing import open_image
+from vit_core.embedding import POOLS, EmbeddingsOutput, EmbedSpec, embed_pixels
+from vit_core.errors import ImageError, InputError, ViTError
+from vit_core.processing import open_image, processor_for
 from vit_core.progress import progress_bar
 
 SHIPPED_MODEL = "vit-digits"
@@ -77,29 +81,6 @@ def read_heldout(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images (N, 8, 8) in 0..255, int64 labels (N,)) of the shipped held-out split."""
     with np.load(path) as data:
         return data["images"], data["labels"]
-
-
-# ------------------------------------------------------------------------- model
-def processor_for(model_path: Path, config: ViTConfig) -> Any:
-    """The folder's `preprocessor_config.json`, or a default one sized for the model.
-
-    The default is HF's ViT processor (resize, rescale 1/255, mean = std = 0.5) but at the
-    model's `image_size`, not HF's 224, so that a folder without a processor still runs.
-    """
-    from vit_core.processing import PROCESSOR_NAME, ViTImageProcessor
-
-    folder = model_path if model_path.is_dir() else model_path.parent
-    if (folder / PROCESSOR_NAME).is_file():
-        return ViTImageProcessor.from_pretrained(folder)
-    height, width = config.image_hw
-    return ViTImageProcessor(size={"height": height, "width": width})
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise probabilities, computed in float64 so tiny ones do not underflow to 0."""
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 # -------------------------------------------------------------------------- demo
@@ -257,6 +238,126 @@ def run_predict(args: argparse.Namespace) -> int:
     return 1 if skipped else 0
 
 
+# ------------------------------------------------------------------------- embed
+def _embed_stream(
+    args: argparse.Namespace,
+    paths: list[Path],
+    embed: Callable[[np.ndarray], np.ndarray],
+    width: int,
+    processor: Any,
+    output: Any,
+) -> None:
+    """Embed every batch and save it in the partial store as it finishes."""
+    bar = progress_bar(
+        len(paths), enabled=len(paths) > args.batch_size, unit="img", dynamic_ncols=True
+    )
+    try:
+        stream = get_backend(args.backend).batches
+        for batch in stream(paths, processor, args.batch_size, args.workers):
+            for _, message in batch.errors:
+                bar.write(f"warning: could not read {message}", file=sys.stderr)
+            output.add(
+                [str(paths[i]) for i in batch.indices],
+                embed(batch.pixels) if batch.pixels is not None else np.empty((0, width)),
+                [(str(paths[i]), message) for i, message in batch.errors],
+            )
+            bar.update(len(batch.indices) + len(batch.errors))
+    finally:
+        bar.close()
+
+
+def _embed_on_ray(args: argparse.Namespace, spec: EmbedSpec) -> int:
+    """`embed --ray`: the same rows, computed and written by a Ray cluster as a folder of
+    Parquet files (`vit_core.distributed`, docs/distributed.md)."""
+    from vit_core.distributed import ray_embed
+    from vit_core.embedding import import_pyarrow
+
+    if args.resume:
+        raise InputError("--resume is not available with --ray, which writes the whole output")
+    if args.output.suffix.lower() != ".parquet":
+        raise InputError(f"{args.output}: --ray writes a folder of Parquet files: X.parquet")
+    with contextlib.ExitStack() as stack:
+        folder = args.model or stack.enter_context(asset(SHIPPED_MODEL))
+        out = ray_embed(
+            args.images,
+            folder,
+            args.output,
+            backend=args.backend,
+            spec=spec,
+            batch_size=args.batch_size,
+            address=args.ray or None,
+            force=args.force,
+        )
+    table = import_pyarrow()[1].read_table(out, columns=["error"])
+    failed = len(table) - table["error"].null_count
+    unread = f", {failed} could not be read (listed in {out})" if failed else ""
+    print(
+        f"{len(table) - failed} images embedded{unread}; wrote {out} on Ray: a folder of "
+        f"Parquet files (backend {args.backend})"
+    )
+    return 0
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """One embedding per image into Parquet or .npy + CSV, streamed in batches, resumable.
+
+    Unreadable images are rows with their error, not a failure: exit status 0.
+    """
+    from vit_core.batching import expand_inputs
+
+    spec = EmbedSpec(args.pool, args.layer, args.normalize)
+    if args.ray is not None:
+        return _embed_on_ray(args, spec)
+    paths = list(dict.fromkeys(expand_inputs(args.images)))  # a file named twice: one row
+    source = str(args.model) if args.model else SHIPPED_MODEL
+    settings = {
+        "model": str(args.model.resolve()) if args.model else SHIPPED_MODEL,
+        "backend": args.backend,
+        "pool": spec.pool,
+        "layer": spec.layer,
+        "normalize": spec.normalize,
+    }
+    output = EmbeddingsOutput(args.output, settings, resume=args.resume, force=args.force)
+    with contextlib.ExitStack() as stack:
+        folder = args.model or stack.enter_context(asset(SHIPPED_MODEL))
+        model = vit_core.load(folder, backend=args.backend, model_type="base")
+        processor = processor_for(Path(folder), model.config)
+    config, kind, backend = model.config, model.kind, get_backend(args.backend)
+    spec.check(config, kind, source)
+    width = spec.width(config, kind)
+    done = output.done
+    todo = [p for p in paths if str(p) not in done]
+    try:
+        _embed_stream(
+            args,
+            todo,
+            lambda pixels: embed_pixels(backend, model, config, pixels, spec),
+            width,
+            processor,
+            output,
+        )
+        embedded, failed = output.finish(paths, width)
+    except KeyboardInterrupt:  # the store keeps every finished batch; OUT is not written
+        saved = len(output.done & set(map(str, paths)))
+        print(
+            f"interrupted: {saved} of {len(paths)} images are saved in {output.store}; run "
+            "the same command with --resume to finish",
+            file=sys.stderr,
+        )
+        return 130
+    counts = f"{embedded} images embedded"
+    if failed:
+        counts += f", {failed} could not be read (listed in {output.listing})"
+    if len(todo) < len(paths):
+        counts += f"; resumed with {len(paths) - len(todo)} of {len(paths)} already done"
+    files = output.path if output.listing == output.path else f"{output.path} + {output.listing}"
+    print(
+        f"{counts}; wrote {files}: {width} floats per image, {spec.describe(config, kind)} "
+        f"(backend {args.backend})"
+    )
+    return 0
+
+
 # ----------------------------------------------------------------------- explain
 def _prediction_title(path: Path, logits: np.ndarray | None, config: ViTConfig) -> str:
     """`photo.png: label (p %)` for a classifier, the file name alone otherwise."""
@@ -375,6 +476,33 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="default: torch")
 
 
+def _stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """IMAGE... , --batch-size and --workers, the same on every subcommand that streams
+    images in batches."""
+    parser.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files, globs (quote them; ** recurses) or folders (searched recursively "
+        "for image files by extension)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=32,
+        metavar="N",
+        help="images per forward pass; at most a few batches are in memory (default: 32)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=default_workers(),
+        metavar="N",
+        help="decoding workers: DataLoader processes (torch) or threads (flax); 0 decodes "
+        f"in the main process (default: min(2, CPU count) = {default_workers()})",
+    )
+
+
 def _subcommand(
     subparsers: Any, name: str, summary: str, example: str, run: Callable[..., int]
 ) -> argparse.ArgumentParser:
@@ -399,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Vision Transformer twins (PyTorch and Flax) from one safetensors file.",
         epilog=f"examples:\n  {PROG} demo\n  {PROG} predict digit.png --backend flax\n"
         f"  {PROG} predict photos/ --output results.csv\n"
+        f"  {PROG} embed photos/ -o embeddings.parquet\n"
         f"  {PROG} explain digit.png -o digit-attention.png\n"
         f"  {PROG} info vit_core/assets/vit-digits",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -422,30 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size 64 --output results.csv",
         run_predict,
     )
-    predict.add_argument(
-        "images",
-        nargs="+",
-        metavar="IMAGE",
-        help="image files, globs (quote them; ** recurses) or folders (searched recursively "
-        "for image files by extension)",
-    )
+    _stream_arguments(predict)
     _model_arguments(predict)
     predict.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="default: 5")
-    predict.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=32,
-        metavar="N",
-        help="images per forward pass; at most a few batches are in memory (default: 32)",
-    )
-    predict.add_argument(
-        "--workers",
-        type=_non_negative_int,
-        default=default_workers(),
-        metavar="N",
-        help="decoding workers: DataLoader processes (torch) or threads (flax); 0 decodes "
-        f"in the main process (default: min(2, CPU count) = {default_workers()})",
-    )
     predict.add_argument(
         "-o",
         "--output",
@@ -466,6 +574,68 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="warn about unreadable images and go on (exit status 1 at the end) instead of "
         "stopping at the first",
+    )
+    embed = _subcommand(
+        subparsers,
+        "embed",
+        "write one embedding per image (files, globs or folders) to Parquet or .npy + CSV",
+        f"{PROG} embed photos/ --model ./dinov2-small -o embeddings.parquet\n"
+        f"  {PROG} embed 'shots/**/*.jpg' --model ./vit-base-patch16-224 --pool mean "
+        "--layer -2 --normalize --backend flax -o embeddings.npy",
+        run_embed,
+    )
+    _stream_arguments(embed)
+    _model_arguments(embed)
+    embed.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="FILE.parquet (columns path, embedding, error; needs pyarrow) or FILE.npy "
+        "(N x D float32, NaN rows for unreadable images) with FILE.csv (index, path, error)",
+    )
+    embed.add_argument(
+        "--pool",
+        choices=POOLS,
+        default="auto",
+        help="auto: the model's pooler_output where it has one (its pooling layer, or the "
+        "family's embedding: DINOv2, CLIP, SigLIP), else the class token, else the mean "
+        "of the patch tokens; cls: the class token; mean: the mean of the patch tokens "
+        "(class, distillation and register tokens left out); pooler: pooler_output "
+        "(default: auto)",
+    )
+    embed.add_argument(
+        "--layer",
+        type=int,
+        metavar="N",
+        help="pool the tokens of block N (0-based; -1 is the last, -2 the one before) with "
+        "the final norm applied, instead of the model's output",
+    )
+    embed.add_argument(
+        "--normalize", action="store_true", help="scale each embedding to unit L2 norm"
+    )
+    embed.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted run: the images already saved in FILE.partial/ are "
+        "skipped (same options required)",
+    )
+    embed.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing FILE (and FILE.csv), and discard a FILE.partial/ left by "
+        "an interrupted run unless --resume",
+    )
+    embed.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run on a Ray cluster (pip install 'vit-twin[ray]'; docs/distributed.md): "
+        "ADDRESS as ray.init takes it ('auto': the cluster this machine is part of; "
+        "ray://HOST:10001), or none: RAY_ADDRESS, else a new local one. FILE.parquet is "
+        "then a folder of Parquet files, rows in no set order",
     )
     explain = _subcommand(
         subparsers,

@@ -32,13 +32,16 @@ import struct
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from vit_core._io import atomic_write_text, local_path, read_json_object
 from vit_core.errors import CheckpointError, ConfigError, ImageError
+
+if TYPE_CHECKING:
+    from vit_core.config import ViTConfig
 
 PROCESSOR_NAME = "preprocessor_config.json"
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
@@ -460,3 +463,16 @@ def _convert(arrays: list[np.ndarray], return_tensors: Any) -> Any:
 
 
 ViTFeatureExtractor = ViTImageProcessor
+
+
+def processor_for(model_path: Path, config: ViTConfig) -> ViTImageProcessor:
+    """The folder's `preprocessor_config.json`, or a default one sized for the model.
+
+    The default is HF's ViT processor (resize, rescale 1/255, mean = std = 0.5) but at the
+    model's `image_size`, not HF's 224, so that a folder without a processor still runs.
+    """
+    folder = model_path if model_path.is_dir() else model_path.parent
+    if (folder / PROCESSOR_NAME).is_file():
+        return ViTImageProcessor.from_pretrained(folder)
+    height, width = config.image_hw
+    return ViTImageProcessor(size={"height": height, "width": width})

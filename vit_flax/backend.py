@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from vit_core.backend import Outputs, as_numpy_outputs, class_to_build
 from vit_core.batching import Batch, threaded_batches
 from vit_core.config import ViTConfig
+from vit_core.intermediates import all_tokens
 from vit_core.layout import ModelKind
 from vit_flax.modeling import (
     FlaxViTForImageClassification,
@@ -73,6 +74,27 @@ def run(
         interpolate_pos_encoding=interpolate_pos_encoding,
     )
     return as_numpy_outputs(out, to_numpy)
+
+
+def intermediates(
+    model: FlaxViTModel | FlaxViTForImageClassification,
+    pixels: np.ndarray,
+    indices: Sequence[int],
+    norm: bool,
+    interpolate_pos_encoding: bool | str = False,
+) -> list[np.ndarray]:
+    """The blocks' outputs (`vit_core.backend.Backend.intermediates`; waits for the device)."""
+    taken = model.forward_intermediates(
+        pixels,
+        indices,
+        return_prefix_tokens=True,
+        norm=norm,
+        stop_early=True,
+        output_fmt="NLC",
+        intermediates_only=True,
+        interpolate_pos_encoding=interpolate_pos_encoding,
+    )
+    return [all_tokens(entry, to_numpy) for entry in taken]
 
 
 def pad_to_multiple(pixels: np.ndarray, multiple: int) -> np.ndarray:

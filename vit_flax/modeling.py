@@ -22,6 +22,7 @@ from flax import linen as nn
 
 from vit_core.config import TANH_GELU, ViTConfig
 from vit_core.initialization import TRUNCATED_NORMAL_STD, initial_weights
+from vit_core.intermediates import Indices, arrange, check_output_fmt, patch_grid, take_indices
 from vit_core.layout import ModelKind
 from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from vit_core.resample import grid_resize_matrices, interpolation_mode
@@ -215,10 +216,18 @@ class ViTEncoder(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, deterministic: bool, output_attentions: bool, output_hidden_states: bool
+        self,
+        x: Array,
+        deterministic: bool,
+        output_attentions: bool,
+        output_hidden_states: bool,
+        num_layers: int | None = None,
     ) -> tuple[Array, tuple[Array, ...] | None, tuple[Array, ...] | None]:
+        """The blocks in order: the first `num_layers` of them when given (what
+        `forward_intermediates(stop_early=True)` runs; the later blocks' params go unread),
+        else all."""
         hidden_states, attentions = [x], []
-        for i in range(self.config.num_hidden_layers):
+        for i in range(self.config.num_hidden_layers if num_layers is None else num_layers):
             x, probs = ViTLayer(self.config, self.dtype, name=f"layers_{i}")(x, deterministic)
             hidden_states.append(x)
             attentions.append(probs)
@@ -308,13 +317,27 @@ def _layer_norm_if(condition: bool, config: ViTConfig, dtype: Any, name: str) ->
 
 class ViTModule(nn.Module):
     """The encoder: `last_hidden_state` (every token) and `pooler_output` (the pooling
-    layer's output where there is one, else the image embedding: docs/families.md)."""
+    layer's output where there is one, else the image embedding: docs/families.md).
+
+    Its submodules are made in `setup`, not inline: `__call__` and `intermediates` run
+    the same ones (linen shares submodules between two methods only that way)."""
 
     config: ViTConfig
     add_pooling_layer: bool = True
     dtype: Any = jnp.float32
 
-    @nn.compact
+    def setup(self) -> None:
+        config, dtype = self.config, self.dtype
+        self.embeddings = ViTEmbeddings(config, dtype, name="embeddings")
+        self.norm_pre = _layer_norm_if(config.use_pre_norm, config, dtype, "norm_pre")
+        self.encoder = ViTEncoder(config, dtype, name="encoder")
+        self.layernorm = _layer_norm_if(config.has_token_norm, config, dtype, "layernorm")
+        self.head = ViTMAPHead(config, dtype, name="head") if config.pooling_type == "map" else None
+        self.fc_norm = _layer_norm_if(
+            config.use_final_norm and config.use_fc_norm, config, dtype, "fc_norm"
+        )
+        self.pooler = ViTPooler(config, dtype, name="pooler") if self.add_pooling_layer else None
+
     def __call__(
         self,
         pixels_nhwc: Array,
@@ -323,34 +346,59 @@ class ViTModule(nn.Module):
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool | str = False,
     ) -> BaseModelOutputWithPooling:
-        config, dtype = self.config, self.dtype
-        x = ViTEmbeddings(config, dtype, name="embeddings")(
-            pixels_nhwc, interpolate_pos_encoding, deterministic
+        x, hidden_states, attentions = self._encode(
+            pixels_nhwc,
+            interpolate_pos_encoding,
+            deterministic,
+            output_attentions,
+            output_hidden_states,
         )
-        if (norm_pre := _layer_norm_if(config.use_pre_norm, config, dtype, "norm_pre")) is not None:
-            x = norm_pre(x)
-        x, hidden_states, attentions = ViTEncoder(config, dtype, name="encoder")(
-            x, deterministic, output_attentions, output_hidden_states
-        )
-        if (
-            layernorm := _layer_norm_if(config.has_token_norm, config, dtype, "layernorm")
-        ) is not None:
-            x = layernorm(x)
-        if config.pooling_type == "map":
-            embedding = ViTMAPHead(config, dtype, name="head")(x, deterministic)
-        else:
-            embedding = pool(x, config)
-        fc_norm = _layer_norm_if(
-            config.use_final_norm and config.use_fc_norm, config, dtype, "fc_norm"
-        )
-        if fc_norm is not None:
-            embedding = fc_norm(embedding)
-        pooled = (
-            ViTPooler(config, dtype, name="pooler")(embedding)
-            if self.add_pooling_layer
-            else unpooled(embedding, config)
-        )
+        x = self._token_norm(x)
+        embedding = pool(x, self.config) if self.head is None else self.head(x, deterministic)
+        if self.fc_norm is not None:
+            embedding = self.fc_norm(embedding)
+        pooled = unpooled(embedding, self.config) if self.pooler is None else self.pooler(embedding)
         return BaseModelOutputWithPooling(x, pooled, hidden_states, attentions)
+
+    def intermediates(
+        self,
+        pixels_nhwc: Array,
+        take: tuple[int, ...],
+        num_layers: int | None,
+        norm: bool,
+        interpolate_pos_encoding: bool | str,
+    ) -> tuple[Array, list[Array]]:
+        """The final-normed tokens of the last block run (`num_layers` of them: all when
+        None) and the (B, T, D) outputs of the blocks `take`, normed too if `norm`; the
+        wrappers' `forward_intermediates` lays them out as timm's."""
+        x, hidden_states, _ = self._encode(
+            pixels_nhwc, interpolate_pos_encoding, True, False, True, num_layers
+        )
+        assert hidden_states is not None  # asked for
+        states = [hidden_states[i + 1] for i in take]  # [0] is the embeddings' output
+        if norm:
+            states = [self._token_norm(s) for s in states]
+        return self._token_norm(x), states
+
+    def _encode(
+        self,
+        pixels_nhwc: Array,
+        interpolate_pos_encoding: bool | str,
+        deterministic: bool,
+        output_attentions: bool,
+        output_hidden_states: bool,
+        num_layers: int | None = None,
+    ) -> tuple[Array, tuple[Array, ...] | None, tuple[Array, ...] | None]:
+        """What `__call__` and `intermediates` share: embeddings, pre-norm and the
+        encoder's blocks (`num_layers` of them: `ViTEncoder`), before the final norm."""
+        x = self.embeddings(pixels_nhwc, interpolate_pos_encoding, deterministic)
+        if self.norm_pre is not None:
+            x = self.norm_pre(x)
+        return self.encoder(x, deterministic, output_attentions, output_hidden_states, num_layers)
+
+    def _token_norm(self, x: Array) -> Array:
+        """The final norm over every token, where the config has one."""
+        return x if self.layernorm is None else self.layernorm(x)
 
 
 class ViTForImageClassificationModule(nn.Module):
@@ -419,6 +467,11 @@ def classification_loss(logits: Array, labels: Array, config: ViTConfig) -> Arra
     return optax.sigmoid_binary_cross_entropy(logits32, labels.astype(jnp.float32)).mean()
 
 
+def _nhwc(pixel_values: Array, dtype: Any) -> Array:
+    """NCHW -> NHWC inside the jit, where XLA fuses it into the patch convolution."""
+    return jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(dtype)
+
+
 class FlaxViTPreTrainedModel:
     """A module with its params and a jitted forward; called like transformers' Flax models."""
 
@@ -433,9 +486,7 @@ class FlaxViTPreTrainedModel:
         self.params: Any = self.init_weights(seed) if _do_init else None
 
         def forward(variables: Any, pixel_values: Array, rngs: Any, **kwargs: Any) -> Any:
-            # NCHW -> NHWC inside the jit, where XLA fuses it into the patch convolution.
-            pixels = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(module.dtype)
-            return module.apply(variables, pixels, rngs=rngs, **kwargs)
+            return module.apply(variables, _nhwc(pixel_values, module.dtype), rngs=rngs, **kwargs)
 
         self._apply = jax.jit(
             forward,
@@ -443,6 +494,45 @@ class FlaxViTPreTrainedModel:
                 "deterministic",
                 "output_attentions",
                 "output_hidden_states",
+                "interpolate_pos_encoding",
+            ),
+        )
+        # forward_intermediates runs the encoder alone: a classifier's is its `vit` part.
+        encoder = (
+            module
+            if isinstance(module, ViTModule)
+            else ViTModule(config, config.classifier_uses_pooler, module.dtype)
+        )
+
+        def intermediates(
+            encoder_params: Any,
+            pixel_values: Array,
+            nchw: bool,
+            return_prefix_tokens: bool,
+            **kwargs: Any,
+        ) -> tuple[Array, list[Any]]:
+            pixels = _nhwc(pixel_values, encoder.dtype)
+            final, states = encoder.apply(
+                {"params": encoder_params}, pixels, method=ViTModule.intermediates, **kwargs
+            )
+            grid = patch_grid(config.patch_hw, pixel_values.shape)
+
+            def to_map(y: Array) -> Array:
+                return jnp.transpose(y.reshape(y.shape[0], *grid, -1), (0, 3, 1, 2))
+
+            layout = arrange(
+                list(states), config.num_prefix_tokens, to_map if nchw else None, return_prefix_tokens
+            )
+            return final, layout
+
+        self._intermediates = jax.jit(
+            intermediates,
+            static_argnames=(
+                "nchw",
+                "return_prefix_tokens",
+                "take",
+                "num_layers",
+                "norm",
                 "interpolate_pos_encoding",
             ),
         )
@@ -478,6 +568,34 @@ class FlaxViTPreTrainedModel:
             interpolate_pos_encoding=interpolate_pos_encoding,
             **kwargs,
         )
+
+    def _forward_intermediates(
+        self,
+        encoder_params: Any,
+        pixel_values: Any,
+        indices: Indices,
+        return_prefix_tokens: bool,
+        norm: bool,
+        stop_early: bool,
+        output_fmt: str,
+        intermediates_only: bool,
+        interpolate_pos_encoding: bool | str,
+    ) -> tuple[Array, list[Any]] | list[Any]:
+        """Both wrappers' `forward_intermediates`, given the encoder's params."""
+        check_output_fmt(output_fmt)
+        take, last = take_indices(self.config.num_hidden_layers, indices)
+        self.config.check_pixel_shape(tuple(np.shape(pixel_values)), interpolate_pos_encoding)
+        final, intermediates = self._intermediates(
+            encoder_params,
+            pixel_values,
+            nchw=output_fmt == "NCHW",
+            return_prefix_tokens=return_prefix_tokens,
+            take=take,
+            num_layers=last + 1 if stop_early else None,
+            norm=norm,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        return intermediates if intermediates_only else (final, intermediates)
 
     @property
     def _has_dropout(self) -> bool:
@@ -539,6 +657,33 @@ class FlaxViTModel(FlaxViTPreTrainedModel):
         )
         return out if return_dict else out.to_tuple()
 
+    def forward_intermediates(
+        self,
+        pixel_values: Any,
+        indices: Indices = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        interpolate_pos_encoding: bool | str = False,
+        params: Any = None,
+    ) -> tuple[Array, list[Any]] | list[Any]:
+        """The twin's `ViTModel.forward_intermediates` (timm's contract), in jax arrays:
+        the same arguments, structure and layouts (NCHW is (B, D, H/P, W/P) here too).
+        Jitted: each new choice of blocks and options compiles once."""
+        return self._forward_intermediates(
+            self.params if params is None else params,
+            pixel_values,
+            indices,
+            return_prefix_tokens,
+            norm,
+            stop_early,
+            output_fmt,
+            intermediates_only,
+            interpolate_pos_encoding,
+        )
+
 
 class FlaxViTForImageClassification(FlaxViTPreTrainedModel):
     def __init__(
@@ -570,3 +715,29 @@ class FlaxViTForImageClassification(FlaxViTPreTrainedModel):
             output_hidden_states=output_hidden_states,
         )
         return out if return_dict else out.to_tuple()
+
+    def forward_intermediates(
+        self,
+        pixel_values: Any,
+        indices: Indices = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        interpolate_pos_encoding: bool | str = False,
+        params: Any = None,
+    ) -> tuple[Array, list[Any]] | list[Any]:
+        """The encoder's (`vit` params) `FlaxViTModel.forward_intermediates`: the heads
+        read none of it."""
+        return self._forward_intermediates(
+            (self.params if params is None else params)["vit"],
+            pixel_values,
+            indices,
+            return_prefix_tokens,
+            norm,
+            stop_early,
+            output_fmt,
+            intermediates_only,
+            interpolate_pos_encoding,
+        )

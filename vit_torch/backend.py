@@ -20,6 +20,7 @@ from vit_core.backend import Outputs, as_numpy_outputs, class_to_build
 from vit_core.batching import Batch, ImageFiles, collate, useful_workers
 from vit_core.config import ViTConfig
 from vit_core.errors import InputError
+from vit_core.intermediates import all_tokens
 from vit_core.layout import ModelKind
 from vit_torch.modeling import ViTForImageClassification, ViTModel
 from vit_torch.weights import assign_internal_weights
@@ -122,6 +123,44 @@ def run(
             interpolate_pos_encoding=interpolate_pos_encoding,
         )
     return as_numpy_outputs(out, to_numpy)
+
+
+def intermediates(
+    model: torch.nn.Module,
+    pixels: np.ndarray,
+    indices: Sequence[int],
+    norm: bool,
+    interpolate_pos_encoding: bool | str = False,
+) -> list[np.ndarray]:
+    """The blocks' outputs (`vit_core.backend.Backend.intermediates`), without autograd."""
+    with torch.inference_mode():
+        taken = _eager_vit(model).forward_intermediates(
+            torch.from_numpy(pixels),
+            indices,
+            return_prefix_tokens=True,
+            norm=norm,
+            stop_early=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+    return [all_tokens(entry, to_numpy) for entry in taken]
+
+
+def _eager_vit(model: torch.nn.Module) -> ViTModel | ViTForImageClassification:
+    """The eager model behind `model`, whose blocks can be read one by one: a compiled
+    model's `.model`; a float or dynamic int8 model is one already."""
+    from vit_torch.compiled import CompiledViT
+
+    if isinstance(model, CompiledViT):
+        model = model.model
+    if not isinstance(model, ViTModel | ViTForImageClassification):
+        raise InputError(
+            f"cannot read intermediate layers from {type(model).__name__}: it has no blocks "
+            "to run one by one (an int8-static model is one fused graph that computes only "
+            "the final outputs); load the float32 model, or quantize='int8', for them"
+        )
+    return model
 
 
 def batch_runner(model: torch.nn.Module, workers: int) -> tuple[Callable[..., Outputs], str]:

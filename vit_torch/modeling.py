@@ -17,6 +17,7 @@ from torch import nn
 
 from vit_core.config import TANH_GELU, ViTConfig
 from vit_core.initialization import initial_weights
+from vit_core.intermediates import Indices, arrange, check_output_fmt, patch_grid, take_indices
 from vit_core.layout import ModelKind
 from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from vit_core.resample import grid_resize_matrices, interpolation_mode
@@ -190,10 +191,17 @@ class ViTEncoder(nn.Module):
         self.layers = nn.ModuleList(ViTLayer(config) for _ in range(config.num_hidden_layers))
 
     def forward(
-        self, x: torch.Tensor, output_attentions: bool, output_hidden_states: bool
+        self,
+        x: torch.Tensor,
+        output_attentions: bool,
+        output_hidden_states: bool,
+        num_layers: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """The blocks in order: the first `num_layers` of them when given (what
+        `forward_intermediates(stop_early=True)` runs), else all."""
         hidden_states, attentions = [x], []
-        for layer in self.layers:
+        layers = self.layers if num_layers is None else self.layers[:num_layers]
+        for layer in layers:
             x, probs = layer(x, output_attentions)
             hidden_states.append(x)
             attentions.append(probs)
@@ -354,14 +362,10 @@ class ViTModel(ViTPreTrainedModel):
         interpolate_pos_encoding: bool | str = False,
         return_dict: bool = True,
     ) -> BaseModelOutputWithPooling | tuple[Any, ...]:
-        self.config.check_pixel_shape(tuple(pixel_values.shape), interpolate_pos_encoding)
-        pixel_values = pixel_values.to(self.embeddings.position_embeddings.dtype)
-        x = self.embeddings(pixel_values, interpolate_pos_encoding)
-        if self.norm_pre is not None:
-            x = self.norm_pre(x)
-        x, hidden_states, attentions = self.encoder(x, output_attentions, output_hidden_states)
-        if self.layernorm is not None:
-            x = self.layernorm(x)
+        x, hidden_states, attentions = self._encode(
+            pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states
+        )
+        x = self._token_norm(x)
         embedding = self.head(x) if self.head is not None else pool(x, self.config)
         if self.fc_norm is not None:
             embedding = self.fc_norm(embedding)
@@ -370,6 +374,73 @@ class ViTModel(ViTPreTrainedModel):
         )
         out = BaseModelOutputWithPooling(x, pooled, hidden_states, attentions)
         return out if return_dict else out.to_tuple()
+
+    def forward_intermediates(
+        self,
+        pixel_values: torch.Tensor,
+        indices: Indices = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        interpolate_pos_encoding: bool | str = False,
+    ) -> tuple[torch.Tensor, list[Any]] | list[Any]:
+        """The outputs of the blocks `indices` names, as timm's `forward_intermediates`
+        computes and returns them (docs/architecture.md, "Intermediate layers").
+
+        `(final, intermediates)`, or the list alone with `intermediates_only`. `final`: the
+        final token norm (`layernorm`; none where the config has none) of the last block
+        run, which is the last block unless `stop_early` ends the run at the last one
+        asked for. `intermediates`: one per block asked for, in block order, each normed
+        by the same norm if `norm`; `output_fmt="NCHW"` gives the patch tokens as a
+        (B, D, H/P, W/P) map, "NLC" as (B, L, D), the prefix tokens (class, distillation,
+        registers) split off and, with `return_prefix_tokens`, paired with them as
+        `(patches, prefix)`.
+        """
+        check_output_fmt(output_fmt)
+        take, last = take_indices(self.config.num_hidden_layers, indices)
+        x, hidden_states, _ = self._encode(
+            pixel_values, interpolate_pos_encoding, False, True, last + 1 if stop_early else None
+        )
+        assert hidden_states is not None  # asked for
+        states = [hidden_states[i + 1] for i in take]  # [0] is the embeddings' output
+        if norm:
+            states = [self._token_norm(s) for s in states]
+        grid = patch_grid(self.config.patch_hw, pixel_values.shape)
+
+        def to_map(y: torch.Tensor) -> torch.Tensor:
+            return y.reshape(len(y), *grid, -1).permute(0, 3, 1, 2).contiguous()
+
+        intermediates = arrange(
+            states,
+            self.config.num_prefix_tokens,
+            to_map if output_fmt == "NCHW" else None,
+            return_prefix_tokens,
+        )
+        return intermediates if intermediates_only else (self._token_norm(x), intermediates)
+
+    def _encode(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool | str,
+        output_attentions: bool,
+        output_hidden_states: bool,
+        num_layers: int | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """What `forward` and `forward_intermediates` share: the input check, embeddings,
+        pre-norm and the encoder's blocks (`num_layers` of them: `ViTEncoder`), before the
+        final norm."""
+        self.config.check_pixel_shape(tuple(pixel_values.shape), interpolate_pos_encoding)
+        pixel_values = pixel_values.to(self.embeddings.position_embeddings.dtype)
+        x = self.embeddings(pixel_values, interpolate_pos_encoding)
+        if self.norm_pre is not None:
+            x = self.norm_pre(x)
+        return self.encoder(x, output_attentions, output_hidden_states, num_layers)
+
+    def _token_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm over every token, where the config has one."""
+        return x if self.layernorm is None else self.layernorm(x)
 
 
 class ViTForImageClassification(ViTPreTrainedModel):
@@ -434,6 +505,29 @@ class ViTForImageClassification(ViTPreTrainedModel):
             distillation_logits,
         )
         return out if return_dict else out.to_tuple()
+
+    def forward_intermediates(
+        self,
+        pixel_values: torch.Tensor,
+        indices: Indices = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        interpolate_pos_encoding: bool | str = False,
+    ) -> tuple[torch.Tensor, list[Any]] | list[Any]:
+        """The encoder's `ViTModel.forward_intermediates` (the heads read none of it)."""
+        return self.vit.forward_intermediates(
+            pixel_values,
+            indices,
+            return_prefix_tokens,
+            norm,
+            stop_early,
+            output_fmt,
+            intermediates_only,
+            interpolate_pos_encoding,
+        )
 
 
 def classification_loss(

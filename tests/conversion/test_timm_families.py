@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from timm_models import HEADS, family_model, save
 
 import vit_core
 from conversion import convert
@@ -31,10 +31,6 @@ from vit_core.layout import WEIGHTS_NAME
 
 timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-HEADS = 4
-SMALL = {"depth": 2, "embed_dim": 64, "num_heads": HEADS}
-LAYERSCALE = 0.3  # every LayerScale gamma is set near this, far from any init
 
 # case: (timm model name, create_model overrides, hints (--set), config fields expected;
 # `float` means "some number")
@@ -121,19 +117,6 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] 
 }  # fmt: skip
 
 
-def family_model(oracle: Any, name: str, seed: int, **overrides: Any) -> Any:
-    """A registered timm model, small, every tensor perturbed, LayerScale near 0.3."""
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, **{**SMALL, **overrides})
-    oracle.perturb_torch(model, seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if key.endswith("gamma"):
-                p.copy_(LAYERSCALE + 0.05 * torch.randn(p.shape, generator=generator))
-    return model.eval()
-
-
 def timm_outputs(model: Any, pixels: np.ndarray) -> dict[str, np.ndarray]:
     """What the converted folder must give: last_hidden_state, pooler_output (not for DeiT
     distilled: timm's pre_logits is the mean of two tokens), logits (and each DeiT head)."""
@@ -172,15 +155,6 @@ def assert_matches(oracle: Any, model: Any, folder: Path, case: str) -> None:
             oracle.assert_close(got[field], value, f"timm {case}: {backend} {field}")
         if not model.num_classes:
             assert "logits" not in got
-
-
-def save(model: Any, path: Path) -> Path:
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if path.suffix == ".safetensors":
-        save_file(state, path)
-    else:
-        torch.save(state, path)
-    return path
 
 
 def tensors_of(folder: Path) -> dict[str, np.ndarray]:
