@@ -521,7 +521,10 @@ class FlaxViTPreTrainedModel:
                 return jnp.transpose(y.reshape(y.shape[0], *grid, -1), (0, 3, 1, 2))
 
             layout = arrange(
-                list(states), config.num_prefix_tokens, to_map if nchw else None, return_prefix_tokens
+                list(states),
+                config.num_prefix_tokens,
+                to_map if nchw else None,
+                return_prefix_tokens,
             )
             return final, layout
 
