@@ -14,9 +14,10 @@ many machines (`address=`, or `RAY_ADDRESS`); docs/distributed.md says how. Thre
    `read_binary_files`: it is then as parallel as the actors, the paths stay the strings
    given (a datasource rewrites them), and an unreadable image is a row with its error,
    the same one a single-process run writes, instead of a failed read task.
-3. **Parquet, written by Ray** (`Dataset.write_parquet`, one file per block) into a
-   hidden folder beside the output, renamed into place once every row is written
-   (`vit_core._io.staged_folder`): the output is a folder of Parquet files, or nothing.
+3. **Parquet, written by Ray** (`Dataset.write_parquet`, files of at least `ROWS_PER_FILE`
+   rows) into a hidden folder beside the output, renamed into place once every row is
+   written (`vit_core._io.staged_folder`): the output is a folder of Parquet files, or
+   nothing.
 
 Fault tolerance is Ray's own: an actor whose process dies is restarted, and the batches
 it held are run again on the new one. Ray Data gives every actor pool these settings
@@ -43,7 +44,7 @@ import vit_core
 from vit_core._io import check_target, staged_folder
 from vit_core.backend import get_backend
 from vit_core.batching import expand_inputs, softmax, threaded_batches, top_k
-from vit_core.embedding import EmbedSpec, embed_pixels, import_pyarrow, parquet_schema
+from vit_core.embedding import EmbedSpec, embed_pixels, import_pyarrow, parquet_table
 from vit_core.errors import InputError
 from vit_core.processing import processor_for
 
@@ -101,7 +102,7 @@ class ModelActor:
         self.decoders = decoders
 
     def __call__(self, batch: Any) -> Any:
-        """An Arrow table of paths in, an Arrow table of `schema()` rows out."""
+        """An Arrow table of paths in, an Arrow table of the rows `rows` makes out."""
         paths = [str(p) for p in batch.column("path").to_pylist()]
         decoded = next(
             threaded_batches([Path(p) for p in paths], self.processor, len(paths), self.decoders)
@@ -143,7 +144,7 @@ class EmbedActor(ModelActor):
             vectors[indices] = embed_pixels(
                 self.backend, self.model, self.config, pixels, self.spec
             )
-        return embedding_table(paths, vectors, errors)
+        return parquet_table(paths, vectors, errors)
 
 
 class PredictActor(ModelActor):
@@ -174,18 +175,6 @@ class PredictActor(ModelActor):
             columns[f"probability_{rank + 1}"] = [None if r is None else r[rank][1] for r in ranked]
         columns["error"] = errors
         return pa.Table.from_pydict(columns, schema=predict_schema(self.k))
-
-
-def embedding_table(paths: Sequence[str], vectors: np.ndarray, errors: Sequence[str | None]) -> Any:
-    """One batch as an Arrow table of `parquet_schema` (rows with an error: null embedding)."""
-    pa, _ = import_pyarrow()
-    width = vectors.shape[1]
-    failed = pa.array([e is not None for e in errors], pa.bool_())
-    embedding = pa.FixedSizeListArray.from_arrays(
-        pa.array(vectors.reshape(-1), pa.float32()), width, mask=failed
-    )
-    columns = [pa.array(paths, pa.string()), embedding, pa.array(errors, pa.string())]
-    return pa.Table.from_arrays(columns, schema=parquet_schema(width))
 
 
 def predict_schema(k: int) -> Any:

@@ -206,6 +206,19 @@ def parquet_schema(width: int) -> Any:
     )
 
 
+def parquet_table(paths: Sequence[str], vectors: np.ndarray, errors: Sequence[str | None]) -> Any:
+    """Rows of `parquet_schema` as an Arrow table (also the blocks `vit_core.distributed`
+    hands Ray to write): a row with an error gets a null embedding."""
+    pa, _ = import_pyarrow()
+    width = vectors.shape[1]
+    failed = pa.array([e is not None for e in errors], pa.bool_())
+    embedding = pa.FixedSizeListArray.from_arrays(
+        pa.array(vectors.reshape(-1), pa.float32()), width, mask=failed
+    )
+    columns = [pa.array(paths, pa.string()), embedding, pa.array(errors, pa.string())]
+    return pa.Table.from_arrays(columns, schema=parquet_schema(width))
+
+
 def listing_path(path: Path) -> Path:
     """Where the paths and errors of `path`'s rows are: the Parquet file itself, or the CSV
     beside an `.npy` (embeddings.npy -> embeddings.csv)."""
@@ -376,14 +389,7 @@ class EmbeddingsOutput:
             del array  # unmapped before the rename
 
     def _write_parquet(self, keys: list[str], blocks: Iterator[Block], width: int) -> None:
-        pa, pq = import_pyarrow()
-        schema = parquet_schema(width)
-        with atomic_path(self.path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        _, pq = import_pyarrow()
+        with atomic_path(self.path) as tmp, pq.ParquetWriter(tmp, parquet_schema(width)) as writer:
             for rows, block, errors in blocks:
-                failed = pa.array([e is not None for e in errors], pa.bool_())
-                embedding = pa.FixedSizeListArray.from_arrays(
-                    pa.array(block.reshape(-1), pa.float32()), width, mask=failed
-                )
-                path = pa.array(keys[rows.start : rows.stop], pa.string())
-                error = pa.array(errors, pa.string())
-                writer.write_table(pa.Table.from_arrays([path, embedding, error], schema=schema))
+                writer.write_table(parquet_table(keys[rows.start : rows.stop], block, errors))
