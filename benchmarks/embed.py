@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +38,7 @@ from benchmarks.run import machine, write_random_folder  # noqa: E402
 
 MODEL = "B/16"
 BATCH = 8
+RAY_ROW = "ray-torch-2-actors"
 
 
 def write_photos(folder: Path, count: int) -> list[Path]:
@@ -114,31 +116,48 @@ def ray_command(folder: Path, actors: int) -> Callable[[list[Path], Path], objec
     return command
 
 
+def measure_row(row: str, photos: Path, folder: Path, tmp: Path) -> dict[str, Any]:
+    """One row's figures: `embed` on one backend with its model-alone throughput, or Ray."""
+    paths = sorted(photos.iterdir())
+    if row != "ray":
+        result = marginal(cli_embed(folder, row), paths, tmp)
+        result["model_images_per_second"] = model_throughput(folder, row)
+        return result
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        return marginal(ray_command(folder, actors=2), paths, tmp)
+    finally:
+        ray.shutdown()
+
+
+def measure_in_subprocess(row: str, photos: Path, folder: Path, tmp: Path) -> dict[str, Any]:
+    """`measure_row` in a fresh interpreter: a user runs one backend per process, and a
+    framework imported and run before (torch's thread pools, DataLoader workers) would
+    slow the next row's decoding threads."""
+    tmp.mkdir()
+    result = tmp / "row.json"
+    command = [sys.executable, __file__, "--row", row, "--photos", str(photos)]
+    command += ["--model", str(folder), "--json", str(result)]
+    subprocess.run(command, check=True, cwd=ROOT)
+    return dict(json.loads(result.read_text()))
+
+
 def measure(count: int) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "model": MODEL, "batch": BATCH}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "photos").mkdir()
-        paths = write_photos(tmp / "photos", count)
+        write_photos(tmp / "photos", count)
         folder = tmp / "model"
         write_random_folder(MODEL, folder)
-        for backend in ("torch", "flax"):
-            row = marginal(cli_embed(folder, backend), paths, tmp / backend)
-            row["model_images_per_second"] = model_throughput(folder, backend)
-            results[f"embed-{backend}"] = row
-            print(backend, json.dumps(row))
-        import ray
-
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            row = marginal(ray_command(folder, actors=2), paths, tmp / "ray")
-        finally:
-            ray.shutdown()
-        row["single_process_marginal_images_per_second"] = results["embed-torch"][
+        for row, name in (("torch", "embed-torch"), ("flax", "embed-flax"), ("ray", RAY_ROW)):
+            results[name] = measure_in_subprocess(row, tmp / "photos", folder, tmp / row)
+            print(row, json.dumps(results[name]), flush=True)
+        results[RAY_ROW]["single_process_marginal_images_per_second"] = results["embed-torch"][
             "marginal_images_per_second"
         ]
-        results["ray-torch-2-actors"] = row
-        print("ray", json.dumps(row))
     return results
 
 
@@ -158,7 +177,7 @@ def render(results: dict[str, Any]) -> str:
             f"{row['marginal_images_per_second']:.2f} | {model:.2f} | "
             f"{row['marginal_images_per_second'] / model:.2f} |"
         )
-    ray_row = results["ray-torch-2-actors"]
+    ray_row = results[RAY_ROW]
     single = ray_row["single_process_marginal_images_per_second"]
     lines.append(
         f"| ray_embed, torch, 2 actors | {ray_row['whole_run_images_per_second']:.2f} | "
@@ -172,7 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--out", type=Path, default=None)
+    # one row in this process (how `measure` runs each row in a fresh interpreter)
+    parser.add_argument("--row", choices=("torch", "flax", "ray"), help=argparse.SUPPRESS)
+    parser.add_argument("--photos", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.row is not None:
+        row = measure_row(args.row, args.photos, args.model, args.json.parent)
+        args.json.write_text(json.dumps(row))
+        return 0
     results = measure(args.images)
     text = render(results)
     print(text)

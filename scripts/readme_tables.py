@@ -22,18 +22,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runs from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.embed import render as render_embed  # noqa: E402
 from benchmarks.run import render  # noqa: E402
 from scripts.coverage import render as render_coverage  # noqa: E402
 
 README = ROOT / "README.md"
 PARITY = ROOT / "docs" / "parity.json"
 BENCH = ROOT / "benchmarks" / "results" / "bench.json"
+EMBED_BENCH = ROOT / "benchmarks" / "results" / "embed.json"
 COVERAGE = ROOT / "docs" / "coverage.json"
 BOUND = 1e-5
 
 # What each recorded comparison holds our twins to, by the start of its name (tests name
 # their comparisons "<reference>...: <output>"); the first matching pattern wins.
 PARITY_GROUPS = (
+    (r"twins: forward_intermediates", "our torch vs our flax: forward_intermediates"),
+    (r"timm forward_intermediates", "timm's forward_intermediates vs our twins"),
     (r"twins: ", "our torch vs our flax, random architectures (hypothesis), every output"),
     (r"compiled torch ", "compile=True (torch.compile, frozen weights) vs eager"),
     (r"torch .*-> transformers", "folders written by our torch, loaded in transformers"),
@@ -82,6 +86,7 @@ def sections() -> dict[str, str]:
     return {
         "parity": render_parity(json.loads(PARITY.read_text())),
         "speed": render(json.loads(BENCH.read_text())),
+        "embed speed": render_embed(json.loads(EMBED_BENCH.read_text())),
         "coverage": render_coverage(json.loads(COVERAGE.read_text())),
     }
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,31 +224,40 @@ def actor_pool(
     return actors, max(1, min(cpus // actors, largest))
 
 
+@dataclass(frozen=True)
+class Pool:
+    """How the actor pool runs: the arguments `ray_embed` and `ray_predict` share."""
+
+    backend: str
+    batch_size: int
+    num_actors: int | None
+    num_gpus_per_actor: float
+    address: str | None
+    force: bool
+
+    def check(self) -> None:
+        """Refuse, before a model is loaded or a cluster started, what cannot run."""
+        if self.batch_size < 1:
+            raise InputError(f"batch_size={self.batch_size}: needs at least 1 image per batch")
+        if self.num_actors is not None and self.num_actors < 1:
+            raise InputError(f"num_actors={self.num_actors}: needs at least 1 actor")
+        if self.num_gpus_per_actor < 0:
+            raise InputError(f"num_gpus_per_actor={self.num_gpus_per_actor}: must be 0 or more")
+        if self.num_gpus_per_actor and self.backend == "torch":
+            raise InputError(
+                f"num_gpus_per_actor={self.num_gpus_per_actor:g}: the torch backend of this "
+                "package runs on the CPU; GPU actors need backend='flax' with a CUDA build of jax"
+            )
+
+
 def find_images(
-    images: Sequence[str | Path] | str | Path,
-    output: str | Path,
-    *,
-    backend: str,
-    batch_size: int,
-    num_actors: int | None,
-    num_gpus_per_actor: float,
-    force: bool,
+    images: Sequence[str | Path] | str | Path, output: str | Path, pool: Pool
 ) -> tuple[list[str], Path]:
     """(the image paths, the output), once every argument is checked and Ray imported:
     what can be refused is refused before a model is loaded or a cluster started."""
-    if batch_size < 1:
-        raise InputError(f"batch_size={batch_size}: needs at least 1 image per batch")
-    if num_actors is not None and num_actors < 1:
-        raise InputError(f"num_actors={num_actors}: needs at least 1 actor")
-    if num_gpus_per_actor < 0:
-        raise InputError(f"num_gpus_per_actor={num_gpus_per_actor}: must be 0 or more")
-    if num_gpus_per_actor and backend == "torch":
-        raise InputError(
-            f"num_gpus_per_actor={num_gpus_per_actor:g}: the torch backend of this package "
-            "runs on the CPU; GPU actors need backend='flax' with a CUDA build of jax"
-        )
+    pool.check()
     out = Path(output)
-    check_target(out, force)
+    check_target(out, pool.force)
     import_ray()
     import_pyarrow()
     items = [images] if isinstance(images, str | Path) else images
@@ -260,24 +270,18 @@ def run_pool(
     output: Path,
     actor_class: type[ModelActor],
     actor_kwargs: dict[str, Any],
-    *,
-    backend: str,
-    batch_size: int,
-    num_actors: int | None,
-    num_gpus_per_actor: float,
-    address: str | None,
-    force: bool,
+    pool: Pool,
 ) -> Path:
     """Steps 1-3 of the module docstring, with either actor class."""
-    ray = connect(address)
-    batches = -(-len(paths) // batch_size)
-    actors, cpus = actor_pool(ray, num_actors, num_gpus_per_actor, batches)
+    ray = connect(pool.address)
+    batches = -(-len(paths) // pool.batch_size)
+    actors, cpus = actor_pool(ray, pool.num_actors, pool.num_gpus_per_actor, batches)
     # A relative path is read from the caller's folder (see `ModelActor`).
     relative = any(not os.path.isabs(p) for p in [*paths, str(model)])
     kwargs = {
         **actor_kwargs,
         "model": str(model),
-        "backend": backend,
+        "backend": pool.backend,
         "decoders": cpus if cpus > 1 else 0,
         "working_dir": os.getcwd() if relative else None,
     }
@@ -285,13 +289,13 @@ def run_pool(
     results = dataset.map_batches(
         actor_class,
         fn_constructor_kwargs=kwargs,
-        batch_size=batch_size,
+        batch_size=pool.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus,
-        num_gpus=num_gpus_per_actor,
+        num_gpus=pool.num_gpus_per_actor,
     )
-    with staged_folder(output, replace=force) as staging:
+    with staged_folder(output, replace=pool.force) as staging:
         # Writing is light: without CPUs of its own it streams beside actors that hold them
         # all, instead of the rows piling up in the object store until the actors finish.
         results.write_parquet(
@@ -329,30 +333,11 @@ def ray_embed(
     `output` is an error unless `force`. `actor_class`: a subclass of `EmbedActor` to run
     instead (to add logging, or a failure in tests).
     """
-    paths, out = find_images(
-        images,
-        output,
-        backend=backend,
-        batch_size=batch_size,
-        num_actors=num_actors,
-        num_gpus_per_actor=num_gpus_per_actor,
-        force=force,
-    )
+    pool = Pool(backend, batch_size, num_actors, num_gpus_per_actor, address, force)
+    paths, out = find_images(images, output, pool)
     encoder = vit_core.load(model, backend=backend, model_type="base")
     spec.check(encoder.config, encoder.kind, str(model))
-    return run_pool(
-        paths,
-        model,
-        out,
-        actor_class,
-        {"spec": spec},
-        backend=backend,
-        batch_size=batch_size,
-        num_actors=num_actors,
-        num_gpus_per_actor=num_gpus_per_actor,
-        address=address,
-        force=force,
-    )
+    return run_pool(paths, model, out, actor_class, {"spec": spec}, pool)
 
 
 def ray_predict(
@@ -377,26 +362,8 @@ def ray_predict(
     """
     if top_k < 1:
         raise InputError(f"top_k={top_k}: needs at least 1")
-    paths, out = find_images(
-        images,
-        output,
-        backend=backend,
-        batch_size=batch_size,
-        num_actors=num_actors,
-        num_gpus_per_actor=num_gpus_per_actor,
-        force=force,
-    )
+    pool = Pool(backend, batch_size, num_actors, num_gpus_per_actor, address, force)
+    paths, out = find_images(images, output, pool)
     classifier = vit_core.load(model, backend=backend, model_type="classification")
-    return run_pool(
-        paths,
-        model,
-        out,
-        actor_class,
-        {"k": min(top_k, classifier.config.num_labels)},
-        backend=backend,
-        batch_size=batch_size,
-        num_actors=num_actors,
-        num_gpus_per_actor=num_gpus_per_actor,
-        address=address,
-        force=force,
-    )
+    k = min(top_k, classifier.config.num_labels)
+    return run_pool(paths, model, out, actor_class, {"k": k}, pool)

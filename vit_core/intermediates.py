@@ -105,6 +105,16 @@ def arrange(
     return patches
 
 
+# How the backends' `intermediates` call `forward_intermediates`: every token of each block
+# asked for (`all_tokens` joins them again), and no block after the last one.
+BACKEND_OPTIONS: dict[str, Any] = {
+    "return_prefix_tokens": True,
+    "stop_early": True,
+    "output_fmt": "NLC",
+    "intermediates_only": True,
+}
+
+
 def all_tokens(entry: Any, to_numpy: Callable[[Any], np.ndarray]) -> np.ndarray:
     """An NLC entry of `forward_intermediates(return_prefix_tokens=True)` as the block's
     every token again, prefix tokens first (the backends' `intermediates`)."""

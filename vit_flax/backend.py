@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from vit_core.backend import Outputs, as_numpy_outputs, class_to_build
 from vit_core.batching import Batch, threaded_batches
 from vit_core.config import ViTConfig
-from vit_core.intermediates import all_tokens
+from vit_core.intermediates import BACKEND_OPTIONS, all_tokens
 from vit_core.layout import ModelKind
 from vit_flax.modeling import (
     FlaxViTForImageClassification,
@@ -87,12 +87,9 @@ def intermediates(
     taken = model.forward_intermediates(
         pixels,
         indices,
-        return_prefix_tokens=True,
         norm=norm,
-        stop_early=True,
-        output_fmt="NLC",
-        intermediates_only=True,
         interpolate_pos_encoding=interpolate_pos_encoding,
+        **BACKEND_OPTIONS,
     )
     return [all_tokens(entry, to_numpy) for entry in taken]
 

@@ -20,7 +20,7 @@ from vit_core.backend import Outputs, as_numpy_outputs, class_to_build
 from vit_core.batching import Batch, ImageFiles, collate, useful_workers
 from vit_core.config import ViTConfig
 from vit_core.errors import InputError
-from vit_core.intermediates import all_tokens
+from vit_core.intermediates import BACKEND_OPTIONS, all_tokens
 from vit_core.layout import ModelKind
 from vit_torch.modeling import ViTForImageClassification, ViTModel
 from vit_torch.weights import assign_internal_weights
@@ -137,12 +137,9 @@ def intermediates(
         taken = _eager_vit(model).forward_intermediates(
             torch.from_numpy(pixels),
             indices,
-            return_prefix_tokens=True,
             norm=norm,
-            stop_early=True,
-            output_fmt="NLC",
-            intermediates_only=True,
             interpolate_pos_encoding=interpolate_pos_encoding,
+            **BACKEND_OPTIONS,
         )
     return [all_tokens(entry, to_numpy) for entry in taken]
 

@@ -6,6 +6,8 @@ code lives here, on pytest's `pythonpath`, under a name that cannot shadow a rea
 
 from __future__ import annotations
 
+import io
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +136,33 @@ def tiny_config(**fields: Any) -> ViTConfig:
 
 # With dropout on: both twins' model tests use it.
 TINY_DROPOUT_CONFIG = tiny_config(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+
+
+def write_photos(
+    root: Path,
+    photos: Mapping[str, tuple[str, tuple[int, int]]],
+    broken: Mapping[str, str] | None = None,
+) -> Path:
+    """Real photos for tests that read image files, under `root` (returned).
+
+    `photos`: path -> (a scikit-image photo: "chelsea", "astronaut", "coffee"; the
+    (width, height) to resize it to), saved in the format the suffix names. `broken`:
+    path -> how no decoder reads it: "empty", "text" (text under an image's name), "cut"
+    (a JPEG cut in half).
+    """
+    from PIL import Image
+    from skimage import data
+
+    for name, (photo, size) in photos.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        picture = Image.fromarray(getattr(data, photo)())
+        picture.resize(size, Image.Resampling.BILINEAR).save(root / name)
+    for name, how in (broken or {}).items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        if how == "cut":
+            jpeg = io.BytesIO()
+            Image.fromarray(data.coffee()).save(jpeg, "JPEG")
+            (root / name).write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+        else:
+            (root / name).write_text({"empty": "", "text": "not an image"}[how])
+    return root

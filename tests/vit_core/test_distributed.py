@@ -13,7 +13,6 @@ Marked `ray` (`pytest -m "not ray"` skips them); the checks that need no cluster
 from __future__ import annotations
 
 import csv
-import io
 import os
 import signal
 import sys
@@ -24,8 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
-from vit_test_support import SHIPPED
+from vit_test_support import SHIPPED, write_photos
 
 from vit_core.cli import main
 from vit_core.errors import InputError, OutputExistsError
@@ -45,21 +43,13 @@ RAY_WARNINGS = "ignore::DeprecationWarning:ray.data"
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """scikit-image's photos, small, as PNG and JPEG in three folders, and three broken
     files: empty, text named .png, a JPEG cut in half."""
-    from skimage import data
-
-    root = tmp_path_factory.mktemp("job") / "photos"
-    images = {"chelsea": data.chelsea(), "astronaut": data.astronaut(), "coffee": data.coffee()}
-    for folder, size in zip("abc", [(48, 32), (24, 24), (30, 20)], strict=True):
-        (root / folder).mkdir(parents=True)
-        for name, pixels in images.items():
-            picture = Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR)
-            picture.save(root / folder / f"{name}{'.jpg' if folder == 'b' else '.png'}")
-    (root / "c" / "empty.jpg").write_bytes(b"")
-    (root / "c" / "notes.png").write_text("not an image")
-    jpeg = io.BytesIO()
-    Image.fromarray(images["coffee"]).save(jpeg, "JPEG")
-    (root / "c" / "cut.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
-    return root
+    photos = {
+        f"{folder}/{name}{'.jpg' if folder == 'b' else '.png'}": (name, size)
+        for folder, size in zip("abc", [(48, 32), (24, 24), (30, 20)], strict=True)
+        for name in ("chelsea", "astronaut", "coffee")
+    }
+    broken = {"c/empty.jpg": "empty", "c/notes.png": "text", "c/cut.jpg": "cut"}
+    return write_photos(tmp_path_factory.mktemp("job") / "photos", photos, broken)
 
 
 @pytest.fixture(scope="module")

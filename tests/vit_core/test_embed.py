@@ -10,7 +10,6 @@ directly (`Backend.run`, `Backend.intermediates`) on the same images.
 from __future__ import annotations
 
 import csv
-import io
 import os
 import re
 import subprocess
@@ -20,9 +19,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 from safetensors.numpy import load_file
-from vit_test_support import SHIPPED, tiny_config, write_folder
+from vit_test_support import SHIPPED, tiny_config, write_folder, write_photos
 
 import vit_core
 from vit_core import cli
@@ -45,25 +43,16 @@ PARITY = 1e-5  # torch against flax
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """scikit-image's photos at small sizes as PNG and JPEG (three in a subfolder), and two
     broken files between them: a text file named .png, and a JPEG cut in half."""
-    from skimage import data
-
-    root = tmp_path_factory.mktemp("photos")
-    (root / "more").mkdir()
-    chelsea, astronaut, coffee = data.chelsea(), data.astronaut(), data.coffee()
-    for name, image, size in [
-        ("1-chelsea.png", chelsea, (48, 32)),
-        ("2-astronaut.jpg", astronaut, (40, 40)),
-        ("5-coffee.png", coffee, (60, 40)),
-        ("more/6-chelsea.jpg", chelsea, (24, 16)),
-        ("more/7-astronaut.png", astronaut, (32, 32)),
-        ("more/8-coffee.jpg", coffee, (30, 20)),
-    ]:
-        Image.fromarray(image).resize(size, Image.Resampling.BILINEAR).save(root / name)
-    (root / "3-notes.png").write_text("not an image")
-    jpeg = io.BytesIO()
-    Image.fromarray(coffee).save(jpeg, "JPEG")
-    (root / "4-cut.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
-    return root
+    photos = {
+        "1-chelsea.png": ("chelsea", (48, 32)),
+        "2-astronaut.jpg": ("astronaut", (40, 40)),
+        "5-coffee.png": ("coffee", (60, 40)),
+        "more/6-chelsea.jpg": ("chelsea", (24, 16)),
+        "more/7-astronaut.png": ("astronaut", (32, 32)),
+        "more/8-coffee.jpg": ("coffee", (30, 20)),
+    }
+    broken = {"3-notes.png": "text", "4-cut.jpg": "cut"}
+    return write_photos(tmp_path_factory.mktemp("photos"), photos, broken)
 
 
 def readable(folder: Path) -> list[Path]:
