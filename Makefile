@@ -28,10 +28,12 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Speed side by side with timm and transformers (minutes; never part of `make test`).
+# Speed side by side with timm and transformers, and the training step's memory with and
+# without gradient checkpointing (minutes; never part of `make test`).
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --out benchmarks/results
 	$(PY) benchmarks/embed.py --out benchmarks/results
+	$(PY) benchmarks/training.py --out benchmarks/results
 
 # The README's parity and speed tables, from the test suite's recorded differences
 # (docs/parity.json, written here) and the last `make bench` (benchmarks/results/bench.json).

@@ -107,7 +107,12 @@ class Ratio:
 
     @classmethod
     def paired(cls, row: Result, peer: Result) -> Ratio:
-        ratios = [p / s for s, p in zip(row.seconds, peer.seconds, strict=True)]
+        return cls.of(row.seconds, peer.seconds)
+
+    @classmethod
+    def of(cls, mine: list[float], theirs: list[float]) -> Ratio:
+        """theirs / mine, round by round (> 1: `mine` took less time, or memory)."""
+        ratios = [t / m for m, t in zip(mine, theirs, strict=True)]
         return cls(statistics.median(ratios), min(ratios), max(ratios))
 
     @property
@@ -118,10 +123,11 @@ class Ratio:
         return f"{self.median:.2f} ({self.low:.2f}-{self.high:.2f})"
 
 
-def config_for(model: str, size: int) -> ViTConfig:
+def config_for(model: str, size: int, **fields: Any) -> ViTConfig:
+    """`model` at `size` px with 1000 classes and timm's LayerNorm eps; `fields` changed."""
     name, overrides = MODELS[model]
     return ViTConfig.from_name(
-        name, num_labels=1000, layer_norm_eps=1e-6, image_size=size, **overrides
+        name, num_labels=1000, layer_norm_eps=1e-6, image_size=size, **{**overrides, **fields}
     )
 
 
@@ -158,8 +164,15 @@ def matmul_gflops(seconds: float = 1.0) -> float:
 
 
 def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+    return proc_status_mib("VmHWM")
+
+
+def proc_status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (`VmHWM`: peak RSS, `VmRSS`:
+    RSS now), in MiB; NaN where there is no /proc."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -240,6 +253,53 @@ def _hf_flax(model: str, folder: Path) -> Runner:
     return lambda x: forward(net.params, x).block_until_ready()
 
 
+# ONNX: what a user deploys is the exported file, run by onnxruntime on the CPU in float32
+# (graph optimisations on, intra-op spinning off: idle threads sleep between ops, so the
+# session does not take the cores from the rows timed after it). A deployment path, not a
+# speed claim: these rows measure onnxruntime's kernels on our exported graph.
+ONNX_INT8_OPS = ["MatMul"]  # the encoder's Linear layers, as our torch int8 quantizes
+
+
+def onnx_files(folder: Path, out: Path) -> tuple[Path, Path]:
+    """(float32, dynamic int8) `.onnx` files of `folder`'s model in `out`, made once: the
+    float32 one as `python -m vit_core export` makes it (checked against the twin), the
+    int8 one from it by onnxruntime's `quantize_dynamic`, per output channel, on the
+    encoder's matmuls (patch projection and head stay float32, as in our torch int8)."""
+    graph, int8 = out / "model.onnx", out / "model-int8.onnx"
+    if not graph.exists():
+        from vit_core.export import export_model
+
+        export_model(folder, "onnx", graph)
+    if not int8.exists():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(
+            graph,
+            int8,
+            op_types_to_quantize=ONNX_INT8_OPS,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+        )
+    return graph, int8
+
+
+def _ours_onnx(int8: bool) -> Callable[[str, Path], Runner]:
+    """Our exported graph (float32, or onnxruntime's dynamic int8 of it) through the onnx
+    backend, as `predict --backend onnx` runs it; the files are written beside the
+    folder's weights once, so a child process measuring memory only loads them."""
+
+    def make(model: str, folder: Path) -> Runner:
+        import vit_core
+        from vit_core.backend import get_backend
+
+        graph, quantized = onnx_files(folder, folder)
+        loaded = vit_core.load(quantized if int8 else graph, backend="onnx")
+        run = get_backend("onnx").run
+        return lambda x: run(loaded, x)
+
+    return make
+
+
 # Every implementation of a model, all from the same weights where the library allows.
 IMPLEMENTATIONS: dict[str, Callable[[str, Path], Runner]] = {
     "ours-torch": _ours("torch"),
@@ -247,6 +307,8 @@ IMPLEMENTATIONS: dict[str, Callable[[str, Path], Runner]] = {
     "ours-int8": _ours("torch", quantize="int8"),
     "ours-int8-static": _ours("torch", quantize="int8-static"),
     "ours-flax": _ours("flax"),
+    "ours-onnx": _ours_onnx(int8=False),
+    "ours-onnx-int8": _ours_onnx(int8=True),
     "timm": _timm(compiled=False),
     "timm-compiled": _timm(compiled=True),
     "hf-torch": _hf_torch,
@@ -400,19 +462,12 @@ def measure_int8_accuracy(name: str) -> dict[str, dict[str, float]]:
         calibration, scored = pixels[0::2], torch.from_numpy(pixels[1::2])
         with torch.inference_mode():
             full = vit_core.load(folder, backend="torch")(scored).logits.numpy()
-            top2 = np.sort(full, axis=1)[:, -2:]
             rows = {}
             for form in ("int8", "int8-static"):
                 extra = {"calibration": calibration} if form == "int8-static" else {}
                 model = vit_core.load(folder, backend="torch", quantize=form, **extra)
-                int8 = model(scored).logits.numpy()
-                rows[f"{form}, {what}"] = {
-                    "images": len(scored),
-                    "top1_agreement": float(np.mean(full.argmax(1) == int8.argmax(1))),
-                    "max_logit_diff": float(np.abs(full - int8).max()),
-                    "logit_range": float(np.ptp(full)),
-                    "median_top1_margin": float(np.median(top2[:, 1] - top2[:, 0])),
-                }
+                rows[f"{form}, {what}"] = int8_agreement(full, model(scored).logits.numpy())
+        rows[f"onnxruntime int8, {what}"] = onnx_int8_agreement(folder, pixels[1::2], full)
         return rows
 
     with asset(SHIPPED_MODEL) as folder, asset(HELDOUT) as heldout:
@@ -424,6 +479,31 @@ def measure_int8_accuracy(name: str) -> dict[str, dict[str, float]]:
         write_random_folder(name, Path(tmp))
         photo = compare(Path(tmp), photos(224), f"{name} (random weights), photos")
     return digits | photo
+
+
+def int8_agreement(full: np.ndarray, int8: np.ndarray) -> dict[str, float]:
+    """How far int8 logits are from the float32 ones, on the same images (a row of
+    `int8_table`)."""
+    top2 = np.sort(full, axis=1)[:, -2:]
+    return {
+        "images": len(full),
+        "top1_agreement": float(np.mean(full.argmax(1) == int8.argmax(1))),
+        "max_logit_diff": float(np.abs(full - int8).max()),
+        "logit_range": float(np.ptp(full)),
+        "median_top1_margin": float(np.median(top2[:, 1] - top2[:, 0])),
+    }
+
+
+def onnx_int8_agreement(folder: Path, scored: np.ndarray, full: np.ndarray) -> dict[str, float]:
+    """onnxruntime's dynamic int8 of `folder`'s exported graph (`onnx_files`) on `scored`,
+    against the float32 twin's logits `full` of the same images."""
+    import vit_core
+    from vit_core.backend import get_backend
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _, int8 = onnx_files(folder, Path(tmp))
+        logits = get_backend("onnx").run(vit_core.load(int8, backend="onnx"), scored)["logits"]
+    return int8_agreement(full, logits)
 
 
 def int8_table(accuracy: dict[str, dict[str, float]]) -> str:
@@ -440,13 +520,14 @@ def int8_table(accuracy: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_random_folder(model: str, folder: Path, size: int = 224) -> ViTConfig:
-    """A canonical folder with random weights (speed does not depend on their values)."""
+def write_random_folder(model: str, folder: Path, size: int = 224, **fields: Any) -> ViTConfig:
+    """A canonical folder with random weights (speed does not depend on their values) of
+    `config_for(model, size, **fields)`."""
     import torch
 
     from vit_torch import ViTForImageClassification
 
-    config = config_for(model, size)
+    config = config_for(model, size, **fields)
     torch.manual_seed(0)
     ViTForImageClassification(config).save_pretrained(folder)
     return config
@@ -479,14 +560,22 @@ def measure(cases: list[Case], impls: tuple[str, ...], rounds: int, with_rss: bo
 
 
 def time_rounds(
-    runners: dict[str, Runner], batch: int, size: int, rounds: int, model: str
+    runners: dict[str, Runner],
+    batch: int,
+    size: int,
+    rounds: int,
+    model: str,
+    place: Callable[[str, np.ndarray], Any] | None = None,
 ) -> dict[str, list[float]]:
+    """Seconds per call of each runner, round by round. `place(impl, pixels)`: the input
+    that impl's runner takes, made once before the rounds (default: the numpy pixels)."""
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+    inputs = {impl: x if place is None else place(impl, x) for impl in runners}
     reps = {}
     for impl, run in runners.items():  # warm-up: compiles, allocator settles
-        run(x)
+        run(inputs[impl])
         start = time.perf_counter()
-        run(x)
+        run(inputs[impl])
         reps[impl] = max(1, round(MIN_ROUND_SECONDS / (time.perf_counter() - start)))
     times: dict[str, list[float]] = {impl: [] for impl in runners}
     impls = list(runners)
@@ -496,7 +585,7 @@ def time_rounds(
             time.sleep(SETTLE_SECONDS)
             start = time.perf_counter()
             for _ in range(reps[impl]):
-                runners[impl](x)
+                runners[impl](inputs[impl])
             times[impl].append((time.perf_counter() - start) / reps[impl])
     for impl, seconds in times.items():
         rate = batch / statistics.median(seconds)
@@ -612,6 +701,170 @@ def machine() -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------- on a GPU
+# `--device cuda`: ViT-B/16 at batch 64, every row in bfloat16 with attention through
+# torch's SDPA (flash attention on the GPU) or XLA's fusion, the pixels on the GPU before
+# the rounds (the model alone is timed, not the copy in), every call synchronised.
+CUDA_CASE = Case("B/16", 64)
+
+
+def cuda_matmul_gflops(seconds: float = 1.0) -> float:
+    """The GPU's bfloat16 matmul rate through torch (cuBLAS), the ceiling for the CUDA
+    rows: the best of a square GEMM and ViT-B/16's largest one (fc1 at batch 64)."""
+    import torch
+
+    best = 0.0
+    for m, k, n in ((8192, 8192, 8192), (64 * 197, 768, 3072)):
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        torch.cuda.synchronize()
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for _ in range(10):  # launches queue up; the clock reads after they finish
+                a @ b
+            torch.cuda.synchronize()
+            count += 10
+        best = max(best, 2 * m * k * n * count / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def jax_gpu() -> Any:
+    """jax's first GPU, or None where jax has no CUDA (a CPU-only jaxlib)."""
+    import jax
+
+    try:
+        return jax.local_devices(backend="gpu")[0]
+    except RuntimeError:
+        return None
+
+
+def _synchronised(net: Any) -> Runner:
+    """A torch model called on a GPU tensor, returning once the GPU has finished."""
+    import torch
+
+    def run(x: Any) -> object:
+        with torch.inference_mode():
+            out = net(x)
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def _cuda_ours(model: str, folder: Path) -> Runner:
+    import vit_core
+
+    return _synchronised(vit_core.load(folder, device="cuda", dtype="bfloat16"))
+
+
+def _cuda_flax(model: str, folder: Path) -> Runner:
+    import vit_core
+
+    net = vit_core.load(folder, backend="flax", device=jax_gpu(), dtype="bfloat16")
+    return lambda x: net(x).logits.block_until_ready()
+
+
+def _cuda_timm(model: str, folder: Path) -> Runner:
+    import timm
+    import torch
+
+    config = ViTConfig.from_json_file(folder / "config.json")
+    net = timm.create_model(
+        TIMM_NAMES[model], pretrained=False, img_size=config.image_size, patch_size=16
+    )
+    return _synchronised(net.eval().to("cuda", torch.bfloat16))
+
+
+def _cuda_hf(model: str, folder: Path) -> Runner:
+    import torch
+    import transformers
+
+    net = transformers.ViTForImageClassification.from_pretrained(folder, attn_implementation="sdpa")
+    return _synchronised(net.eval().to("cuda", torch.bfloat16))
+
+
+CUDA_IMPLEMENTATIONS: dict[str, Callable[[str, Path], Runner]] = {
+    "ours-torch": _cuda_ours,
+    "ours-flax": _cuda_flax,  # where jax has CUDA
+    "timm": _cuda_timm,
+    "hf-torch": _cuda_hf,
+}
+
+
+def _cuda_input(impl: str, pixels: np.ndarray) -> Any:
+    """The batch as `impl` takes it on the GPU, in bfloat16: a jax array for the Flax
+    twin, a torch tensor for the rest."""
+    if impl == "ours-flax":
+        import jax
+        import jax.numpy as jnp
+
+        return jax.device_put(pixels.astype(jnp.bfloat16), jax_gpu())
+    import torch
+
+    return torch.from_numpy(pixels).to("cuda", torch.bfloat16)
+
+
+def measure_on_cuda(rounds: int) -> list[Result]:
+    """`CUDA_CASE` with every implementation of `CUDA_IMPLEMENTATIONS` this machine runs,
+    in interleaved rounds (as `measure`)."""
+    case = CUDA_CASE
+    impls = [impl for impl in CUDA_IMPLEMENTATIONS if impl != "ours-flax" or jax_gpu()]
+    if "ours-flax" not in impls:
+        print("  ours-flax left out: jax has no CUDA here (pip install 'jax[cuda12]')")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = write_random_folder(case.model, Path(tmp), case.size)
+        runners = {impl: CUDA_IMPLEMENTATIONS[impl](case.model, Path(tmp)) for impl in impls}
+        times = time_rounds(runners, case.batch, case.size, rounds, case.model, _cuda_input)
+    flop = gflop_per_image(config)
+    return [Result(case.model, i, case.batch, times[i], None, flop, case.size) for i in impls]
+
+
+def render_cuda(payload: dict[str, Any]) -> str:
+    """The report of one `--device cuda` run (bench-cuda.md)."""
+    fields = {f.name for f in dataclasses.fields(Result)}
+    results = [Result(**{k: v for k, v in r.items() if k in fields}) for r in payload["results"]]
+    machine, (before, after) = payload["machine"], payload["matmul_gflops"]
+    rounds = sorted({len(r.seconds) for r in results})
+    header = (
+        f"{machine['gpu']}, torch {machine['torch']}, jax {machine['jax']}; bfloat16 matmul "
+        f"peak {max(before, after) / 1000:.0f} TFLOP/s (cuBLAS in the same process: "
+        f"{before / 1000:.0f} before the rounds, {after / 1000:.0f} after); "
+        f"{' or '.join(map(str, rounds))} interleaved rounds. Every row in bfloat16, "
+        "attention through SDPA (torch) or XLA's fusion (Flax), the pixels on the GPU "
+        "before the rounds, every call synchronised: the model alone. A ratio is the "
+        "median of the per-round ratios (min-max); > 1: the row is faster."
+    )
+    return "\n\n".join([header, table(results, max(before, after))])
+
+
+def main_cuda(args: argparse.Namespace) -> int:
+    """`--device cuda`: the GPU rows, written to bench-cuda.json and bench-cuda.md."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA GPU here", file=sys.stderr)
+        return 2
+    # jax takes 75 % of the GPU's memory at its start unless told not to; torch shares it.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    payload: dict[str, Any] = {"machine": {**machine(), "gpu": torch.cuda.get_device_name()}}
+    before = cuda_matmul_gflops()
+    print(f"{payload['machine']}; bfloat16 matmul rate {before / 1000:.0f} TFLOP/s", flush=True)
+    results = measure_on_cuda(3 if args.quick else args.rounds)
+    payload["matmul_gflops"] = [before, cuda_matmul_gflops()]
+    payload["results"] = [{**asdict(r), "images_per_second": r.images_per_second} for r in results]
+    report = render_cuda(payload)
+    print(report)
+    if args.quick:
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench-cuda.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / "bench-cuda.md").write_text(report + "\n")
+    print(f"wrote {args.out}/bench-cuda.json, bench-cuda.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -623,7 +876,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: ViT-B/16 at batch 64 in bfloat16 on the GPU, ours against timm and "
+        "transformers (bench-cuda.json/.md; --quick: 3 rounds, nothing written); "
+        "default: the CPU report",
+    )
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        return main_cuda(args)
 
     payload: dict[str, Any] = {"machine": machine()}
     before = matmul_gflops()

@@ -22,6 +22,7 @@ examples:
   {PROG} ./hf-vit-folder -o ./vit-b16-384 --image-size 384 --interpolation bicubic
   {PROG} model.safetensors -o ./vit-s16 --from timm --set num_attention_heads=6
   {PROG} ./old-out -o ./new-out --dtype bfloat16 --force
+  {PROG} timm/vit_base_patch16_224.augreg2_in21k_ft_in1k -o ./vit-b16-augreg2
 
 Sources, recognised from the file itself:
   timm   state dict in .pth/.pt/.bin ({{"model": ...}}, {{"state_dict": ...}}, module.
@@ -29,6 +30,8 @@ Sources, recognised from the file itself:
   jax    google-research/vision_transformer and big_vision .npz files
   hf     transformers folder or file: model.safetensors, pytorch_model.bin, sharded
          *.index.json checkpoints, Flax flax_model.msgpack
+A Hugging Face repo id (namespace/name) that is not a local path is read from the local
+Hugging Face cache (HF_HUB_CACHE / HF_HOME), offline; nothing is ever downloaded.
 
 Exit status: 0 converted, 1 --verify found a mismatch (nothing written), 2 error."""
 
@@ -61,8 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "src", type=Path, metavar="SRC",
-        help="checkpoint file or folder, e.g. vit.pth, model.safetensors, ./hf-folder",
+        "src", metavar="SRC",
+        help="checkpoint file or folder, e.g. vit.pth, model.safetensors, ./hf-folder, or a "
+        "Hugging Face repo id in the local cache (never downloaded), e.g. "
+        "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    )  # fmt: skip
+    parser.add_argument(
+        "--revision", metavar="REV",
+        help="branch, tag or commit hash of a repo id SRC in the local Hugging Face cache; "
+        "default: main, e.g. --revision v1.0",
     )  # fmt: skip
     parser.add_argument(
         "-o", "--out", type=Path, required=True, metavar="OUT",
@@ -147,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             verify=args.verify,
             force=args.force,
             progress=False if args.quiet else None,
+            revision=args.revision,
         )
     except VerificationError as exc:
         if args.debug:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from vit_core._io import local_path, read_json_object
 from vit_core.checkpoint import numpy_dtype
 from vit_core.config import ViTConfig, hw_pair
 from vit_core.errors import ConfigError, LayoutError
+from vit_core.hub import find_snapshot
 from vit_core.layout import WEIGHTS_NAME, ModelKind, check_layout, model_kind
 from vit_core.progress import progress_bar
 from vit_core.resample import check_interpolation
@@ -274,6 +276,89 @@ def _refuse_self_overwrite(src: Path, out: Path) -> None:
 
 
 # -------------------------------------------------------------------- convert
+@dataclass
+class Canonical:
+    """A source checkpoint in canonical form, in memory: what `convert` writes, and what
+    `vit_core.load` reads from a cached Hugging Face repo that is not canonical already.
+
+    `tensors` are HF-named numpy arrays checked against `config` (`check_layout`);
+    `processor` is the source's preprocessing at the model's input size; `reader` the
+    module that read the source (its `weight_files` and `--verify` use it).
+    """
+
+    tensors: dict[str, np.ndarray]
+    config: ViTConfig
+    kind: ModelKind
+    processor: Any
+    source: Path
+    source_kind: str
+    source_format: str
+    reader: ModuleType
+    dtype: str
+    assumed: list[str] = field(default_factory=list)
+    resampled: str | None = None
+
+
+def canonical(
+    src: str | Path,
+    *,
+    source: str = "auto",
+    model_name: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    image_size: str | int | list[int] | tuple[int, ...] | None = None,
+    interpolation: str | None = None,
+    dtype: str | None = None,
+    gelu: str | None = None,
+    stage: Callable[[str], None] | None = None,
+) -> Canonical:
+    """Read a timm, JAX `.npz` or Hugging Face checkpoint into canonical tensors + config,
+    writing nothing: `convert` without the folder. The options are `convert`'s; `stage`
+    is told the name of each step as it starts (`convert`'s progress bar)."""
+    _check_options(source, gelu, interpolation, image_size)
+    size = parse_image_size(image_size) if image_size is not None else None
+    stage = stage or (lambda name: None)
+    src_path = local_path(src)
+    stage("detecting")
+    layers = hint_layers(model_name, config_file, overrides)
+    kind_name, reader = detect(src_path, source)
+    stage(f"reading {kind_name}")
+    hints = {k: v for _, layer in layers for k, v in layer.items()}
+    if gelu is not None:  # so the reader records the asked-for form, not its default
+        hints["hidden_act"] = GELU[gelu]
+    weights = reader.read(src_path, hints)
+    stage("checking")
+    config = build_config(merge_config(weights, layers, gelu), weights.tensors)
+    tensors = dict(weights.tensors)
+    kind = model_kind(tensors, config)
+    check_layout(tensors, config, kind, str(src_path))
+    resampled = None
+    if size is not None and size != config.image_hw:
+        mode = str(interpolation or reader.DEFAULT_INTERPOLATION)
+        stage(f"resampling positions ({mode})")
+        resampled = f"{config.image_hw[0]}x{config.image_hw[1]} -> {size[0]}x{size[1]} ({mode})"
+        tensors, config = resize_for_image_size(tensors, config, kind, size, mode)
+        check_layout(tensors, config, kind, f"{src_path} resampled to {size}")
+    stage("casting")
+    dtype = target_dtype(tensors, dtype)
+    tensors = cast(tensors, dtype)
+    if "torch_dtype" in config.extra:  # transformers' record of the stored dtype
+        config.extra["torch_dtype"] = dtype
+    return Canonical(
+        tensors=tensors,
+        config=config,
+        kind=kind,
+        processor=_processor(weights, config),
+        source=src_path,
+        source_kind=kind_name,
+        source_format=weights.source_format,
+        reader=reader,
+        dtype=dtype,
+        assumed=list(weights.assumed),
+        resampled=resampled,
+    )
+
+
 def convert(
     src: str | Path,
     out: str | Path,
@@ -289,12 +374,14 @@ def convert(
     verify: bool = False,
     force: bool = False,
     progress: bool | None = None,
+    revision: str | None = None,
 ) -> ConversionResult:
     """Convert a timm, JAX `.npz` or Hugging Face checkpoint into a canonical folder.
 
-    `overrides` are config fields (as `--set`); `image_size` resamples the position
-    embeddings (`interpolation`: one of `vit_core.resample.INTERPOLATIONS`, default the
-    source's own);
+    `src` is a file or folder, or a Hugging Face repo id in the local cache (`revision`:
+    its branch, tag or commit; `vit_core.hub`, never a download). `overrides` are config
+    fields (as `--set`); `image_size` resamples the position embeddings (`interpolation`:
+    one of `vit_core.resample.INTERPOLATIONS`, default the source's own);
     `dtype` casts the weights (default: the source's). With `verify`, OUT is checked in
     both backends (and against the source library where importable) before it appears;
     a mismatch raises `VerificationError` and OUT is not written. Nothing is left behind
@@ -302,67 +389,70 @@ def convert(
     """
     started = time.perf_counter()
     _check_options(source, gelu, interpolation, image_size)
-    size = parse_image_size(image_size) if image_size is not None else None
-    src_path, out_path = local_path(src), Path(os.path.abspath(out))
+    src_path, name_hint = conversion_source(src, revision)
+    out_path = Path(os.path.abspath(out))
     _refuse_self_overwrite(src_path, out_path)
     with staged(out_path, force) as staging, _stages(progress) as stage:
-        stage("detecting")
-        layers = hint_layers(model_name, config_file, overrides)
-        kind_name, reader = detect(src_path, source)
-        stage(f"reading {kind_name}")
-        hints = {k: v for _, layer in layers for k, v in layer.items()}
-        if gelu is not None:  # so the reader records the asked-for form, not its default
-            hints["hidden_act"] = GELU[gelu]
-        weights = reader.read(src_path, hints)
-        stage("checking")
-        config = build_config(merge_config(weights, layers, gelu), weights.tensors)
-        tensors = dict(weights.tensors)
-        kind = model_kind(tensors, config)
-        check_layout(tensors, config, kind, str(src_path))
-        resampled = None
-        if size is not None and size != config.image_hw:
-            mode = str(interpolation or reader.DEFAULT_INTERPOLATION)
-            stage(f"resampling positions ({mode})")
-            resampled = f"{config.image_hw[0]}x{config.image_hw[1]} -> {size[0]}x{size[1]} ({mode})"
-            tensors, config = resize_for_image_size(tensors, config, kind, size, mode)
-            check_layout(tensors, config, kind, f"{src_path} resampled to {size}")
-        stage("casting")
-        dtype = target_dtype(tensors, dtype)
-        tensors = cast(tensors, dtype)
-        if "torch_dtype" in config.extra:  # transformers' record of the stored dtype
-            config.extra["torch_dtype"] = dtype
+        result = canonical(
+            src_path,
+            source=source,
+            model_name=model_name or name_hint,
+            config_file=config_file,
+            overrides=overrides,
+            image_size=image_size,
+            interpolation=interpolation,
+            dtype=dtype,
+            gelu=gelu,
+            stage=stage,
+        )
         stage("hashing the source")
         metadata = {
             "format": "pt",
-            "source_format": weights.source_format,
-            "source_sha256": file_digest(reader.weight_files(src_path), progress),
+            "source_format": result.source_format,
+            "source_sha256": file_digest(result.reader.weight_files(src_path), progress),
             "converter_version": __version__,
         }
         stage("writing")
-        write_files(staging, tensors, config, _processor(weights, config), metadata)
+        write_files(staging, result.tensors, result.config, result.processor, metadata)
         report = None
         if verify:
             stage("verifying")
             from conversion.verify import VerificationError, verify_folder
 
-            report = verify_folder(staging, src_path, kind_name, reader, dtype, bool(resampled))
+            report = verify_folder(
+                staging,
+                src_path,
+                result.source_kind,
+                result.reader,
+                result.dtype,
+                bool(result.resampled),
+            )
             if not report.ok:
                 raise VerificationError(report)
     return ConversionResult(
         out=out_path,
         source=src_path,
-        source_kind=kind_name,
-        source_format=weights.source_format,
-        config=config,
-        kind=kind,
-        parameters=int(sum(v.size for v in tensors.values())),
+        source_kind=result.source_kind,
+        source_format=result.source_format,
+        config=result.config,
+        kind=result.kind,
+        parameters=int(sum(v.size for v in result.tensors.values())),
         file_bytes=(out_path / WEIGHTS_NAME).stat().st_size,
-        dtype=dtype,
-        assumed=list(weights.assumed),
-        resampled=resampled,
+        dtype=result.dtype,
+        assumed=result.assumed,
+        resampled=result.resampled,
         seconds=time.perf_counter() - started,
         verification=report,
     )
+
+
+def conversion_source(src: str | Path, revision: str | None = None) -> tuple[Path, str | None]:
+    """(the path to read, a model name for what the files do not say) of `src`: a local
+    path as it is, a repo id's cached snapshot (`vit_core.hub`)."""
+    snapshot = find_snapshot(src, revision)
+    if snapshot is None:
+        return local_path(src), None
+    return snapshot.conversion_source()
 
 
 def _check_options(
@@ -377,6 +467,8 @@ def _check_options(
         check_interpolation(interpolation)
     if interpolation is not None and image_size is None:
         raise ConfigError("--interpolation applies only with --image-size")
+    if image_size is not None:
+        parse_image_size(image_size)
 
 
 @contextlib.contextmanager
@@ -431,7 +523,7 @@ def summary(result: ConversionResult) -> str:
     """A few lines for the terminal: architecture, size, file, assumptions, time."""
     c = result.config
     (h, w), (ph, pw) = c.image_hw, c.patch_hw
-    model = "ViTForImageClassification" if result.kind.classifier else "ViTModel"
+    model = result.kind.architecture
     head = f", {c.num_labels} classes" if result.kind.classifier else ""
     pooler = " + pooler" if result.kind.pooler else ""
     lines = [

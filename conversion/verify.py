@@ -24,10 +24,8 @@ from vit_core.backend import BACKENDS
 from vit_core.config import TANH_GELU, ViTConfig
 from vit_core.errors import ViTError
 from vit_core.layout import ModelKind, model_kind
-from vit_core.loading import folder_outputs
+from vit_core.loading import PROBE_BATCH, PROBE_SEED, folder_outputs, probe
 
-PROBE_SEED = 0
-PROBE_BATCH = 2
 TOLERANCE = {"float32": 1e-5}  # any other stored dtype: DEFAULT_TOLERANCE
 DEFAULT_TOLERANCE = 1e-4
 
@@ -85,14 +83,6 @@ class VerificationError(ViTError):
         bad = [b for b, c in zip(bad, report.comparisons, strict=True) if not c.ok]
         bad += report.failures
         super().__init__("verification failed, so the output was not written: " + "; ".join(bad))
-
-
-def probe(config: ViTConfig) -> np.ndarray:
-    """The fixed probe batch: unit-normal pixels, (PROBE_BATCH, C, H, W) float32."""
-    height, width = config.image_hw
-    rng = np.random.default_rng(PROBE_SEED)
-    shape = (PROBE_BATCH, config.num_channels, height, width)
-    return rng.standard_normal(shape).astype(np.float32)
 
 
 # ------------------------------------------------------------------- sources

@@ -7,17 +7,14 @@ printed at the end of the run, so the margin under each bound stays on the recor
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
-from vit_test_support import MAX_DIFFS, record_max_diff
+from vit_test_support import MAX_DIFFS, FinetuneRun, load_script, record_max_diff, run_finetune
 
 TOL = 1e-5
 
@@ -253,17 +250,41 @@ def torch_one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+@pytest.fixture(scope="session")
+def jax_compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """JAX's persistent compilation cache in a folder of this session: a program that
+    several tests compile anew (each fine-tuning run jits its own train step) is compiled
+    once. The compiled code is the same; only the compile time is saved."""
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
+    yield
+    jax.config.update("jax_compilation_cache_dir", before)
 
 
-@pytest.fixture(scope="module")
-def examples() -> Iterator[dict[str, ModuleType]]:
-    """The example scripts as modules (they import each other by plain name)."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        yield {
-            name: importlib.import_module(name)
-            for name in ("digits_data", "finetune_torch", "finetune_flax")
-        }
-    finally:
-        sys.path.remove(str(EXAMPLES))
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small ImageFolder of real digits (scripts/digits_imagefolder.py): the classes
+    0, 1, 2, 16 training and 16 validation 16x16 PNGs each."""
+    out = tmp_path_factory.mktemp("digits") / "digits"
+    load_script("digits_imagefolder").write_digits(out, 16, per_class=16, classes=(0, 1, 2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def finetuned(
+    digits_folder: Path, tmp_path_factory: pytest.TempPathFactory, jax_compilation_cache: None
+) -> Any:
+    """`finetune` run once per backend on `digits_folder` (`FINETUNE_ARGS`), from the
+    shipped model: backend -> the run (its OUT and what it printed)."""
+    runs: dict[str, FinetuneRun] = {}
+
+    def run(backend: str) -> FinetuneRun:
+        if backend not in runs:
+            out = tmp_path_factory.mktemp(f"finetuned-{backend}") / "out"
+            runs[backend] = run_finetune(digits_folder, out, "--backend", backend)
+            assert runs[backend].code == 0, runs[backend].stderr
+        return runs[backend]
+
+    return run

@@ -16,6 +16,7 @@ from vit_core.errors import (
     ImageError,
     InputError,
     LayoutError,
+    NotCachedError,
     ViTError,
 )
 from vit_core.loading import load
@@ -42,6 +43,7 @@ __all__ = [
     "ImageError",
     "InputError",
     "LayoutError",
+    "NotCachedError",
     "ViTConfig",
     "ViTError",
     "ViTFeatureExtractor",

@@ -3,7 +3,8 @@
 Two kinds of write, both all-or-nothing for a reader:
 
 - `atomic_write_bytes` (bytes in memory) and `atomic_path` (a writer that opens the file
-  itself): one file, written beside its target and renamed over it.
+  itself): one file, written beside its target and renamed over it; `staged_file` is
+  `atomic_path` for a command's new output file (refused if it exists, unless replacing).
 - `staged_folder`: a whole folder, written into a hidden temp folder beside the target
   and moved into place by rename. `vit_core.loading.save_folder` (both twins'
   `save_pretrained`) and `python -m conversion` both write through it. A process killed
@@ -67,10 +68,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A hidden temp path beside `path` for a writer that opens the file itself (a
     memory map, a Parquet writer); when the block ends normally it is flushed to disk and
     renamed over `path`, on any error removed. A reader sees the old file or the new one,
-    never half, and a process killed in the block leaves at most the hidden temp file.
+    never half, and a process killed in the block leaves at most the hidden temp file. It
+    keeps the suffix of `path`, for writers and readers that go by it (`.onnx`).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
         yield tmp
         _fsync(tmp)
@@ -99,6 +101,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def staged_file(out: Path, *, replace: bool) -> Iterator[Path]:
+    """`atomic_path` for an output file a command creates (`export`): an existing `out` is
+    refused unless `replace`, a folder there always (`check_target`); missing parent
+    folders are made, and removed again (if still empty) when the block fails."""
+    out = Path(os.path.abspath(out))
+    check_target(out, replace, kind="file")
+    created = _missing_parents(out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _remove_empty(created)
+        raise WriteError(f"{out}: cannot create its folder ({exc}); nothing was written") from exc
+    try:
+        with atomic_path(out) as staged:
+            yield staged
+    except BaseException:
+        _remove_empty(created)
+        raise
 
 
 # --------------------------------------------------------------------- JSON in
@@ -149,12 +172,15 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ whole folder
-def check_target(out: Path, replace: bool) -> None:
-    """Refuse an existing `out` (folder, file or link) unless `replace`."""
+def check_target(out: Path, replace: bool, kind: str = "folder") -> None:
+    """Refuse an existing `out` (folder, file or link) unless `replace`; `kind` is what
+    the caller writes there ("folder" or "file"), and a file never replaces a folder."""
     if (out.exists() or out.is_symlink()) and not replace:
         raise OutputExistsError(
-            f"{out}: already exists; choose another output folder, or pass --force to replace it"
+            f"{out}: already exists; choose another output {kind}, or pass --force to replace it"
         )
+    if kind == "file" and out.is_dir():
+        raise OutputExistsError(f"{out}: is a folder; choose a file name to write")
 
 
 def _missing_parents(folder: Path) -> list[Path]:

@@ -1,17 +1,19 @@
 """The backend interface, and the one registry through which the core reaches a framework.
 
 The core never imports a framework or a twin module by name: it asks `get_backend(name)`
-for a backend ("torch", "flax"; later "onnx") and hands it a config and canonical numpy
+for a backend ("torch", "flax", "onnx") and hands it a config and canonical numpy
 tensors. A backend is a module (`vit_torch.backend`, `vit_flax.backend`) that offers the
 functions of `Backend`: build a model, run it on numpy pixels to a dict of numpy outputs,
-and stream decoded image batches for `predict`. Everything that must run a model on
-numpy pixels (the CLI, conversion's verification, the benchmarks, the tests) goes
-through `Backend.run`, written once per framework.
+and stream decoded image batches for `predict`. The onnx backend (`vit_onnx.backend`)
+builds nothing: it runs an exported `.onnx` file, which `load` hands it whole.
+Everything that must run a model on numpy pixels (the CLI, conversion's verification,
+the benchmarks, the tests) goes through `Backend.run`, written once per framework.
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +29,8 @@ if TYPE_CHECKING:
     from vit_core.layout import ModelKind
     from vit_core.outputs import ModelOutput
 
-# Outputs as numpy: logits | last_hidden_state, pooler_output; hidden_states and
-# attentions (tuples of arrays) when asked for.
+# Outputs as numpy: logits | reconstruction | last_hidden_state, pooler_output;
+# hidden_states and attentions (tuples of arrays) when asked for.
 Outputs = dict[str, Any]
 
 
@@ -41,6 +43,12 @@ class BackendEntry:
     extra: str
     computes: str  # how, for a refusal of another backend's option
     options: tuple[str, ...] = ()
+    # True: it runs an exported graph file, not a twin built from a canonical folder;
+    # `load` hands it the path (its `open_graph`) and reads no tensors itself.
+    exported: bool = False
+    # The module whose `trainer` fine-tunes its models (`vit_core.finetune.Training`);
+    # None for a backend that only runs them.
+    training: str | None = None
 
 
 REGISTRY: dict[str, BackendEntry] = {
@@ -49,21 +57,42 @@ REGISTRY: dict[str, BackendEntry] = {
         "torch",
         "runs eagerly in float32 or dtype= (e.g. 'bfloat16')",
         ("quantize", "calibration", "compile"),
+        training="vit_torch.training",
     ),
     "flax": BackendEntry(
         "vit_flax.backend",
         "flax",
         "is always compiled (jax.jit, XLA) and computes in float32 or dtype= (e.g. 'bfloat16')",
+        training="vit_flax.training",
+    ),
+    "onnx": BackendEntry(
+        "vit_onnx.backend",
+        "onnx",
+        "runs an exported .onnx graph with onnxruntime, in float32 (for int8, quantize the "
+        "file: onnxruntime.quantization.quantize_dynamic)",
+        exported=True,
     ),
 }
-BACKENDS: tuple[str, ...] = tuple(REGISTRY)
+# The twins: the backends that build a model from a canonical folder (demo, conversion's
+# verification and the parity tests hold them to each other).
+BACKENDS: tuple[str, ...] = tuple(name for name, entry in REGISTRY.items() if not entry.exported)
+# Every backend that runs a model: the twins and the runtimes of exported graphs
+# (`predict --backend` and `embed --backend` choose among them).
+ALL_BACKENDS: tuple[str, ...] = tuple(REGISTRY)
 
 
 class Backend(Protocol):
     """What each backend module offers (each twin's `backend.py`)."""
 
-    def check_options(self, dtype: Any, **options: Any) -> None:
-        """Refuse, before any file is read, option values this backend cannot honour."""
+    def resolve_device(self, device: Any, dtype: Any) -> Any:
+        """The framework's device that `device` names (None: the framework's default),
+        before any tensor is read: one this machine does not have is an `InputError`
+        naming those it has; half precision asked for on a CPU warns (`warn_if_slow_dtype`)."""
+        ...
+
+    def check_options(self, dtype: Any, device: Any, **options: Any) -> None:
+        """Refuse, before any tensor is read, option values this backend cannot honour
+        (`device` as `resolve_device` gave it)."""
         ...
 
     def build(
@@ -73,9 +102,11 @@ class Backend(Protocol):
         internal: Mapping[str, np.ndarray],
         dtype: Any = None,
         model_class: type | None = None,
+        device: Any = None,
         **options: Any,
     ) -> Any:
-        """The twin of `kind` (or `model_class`) holding `internal`, ready for inference."""
+        """The twin of `kind` (or `model_class`) holding `internal` on `device` (as
+        `resolve_device` gave it), ready for inference."""
         ...
 
     def run(
@@ -86,7 +117,8 @@ class Backend(Protocol):
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool | str = False,
     ) -> Outputs:
-        """The model's outputs on numpy pixels (N, C, H, W), as float32 numpy arrays."""
+        """The model's outputs on numpy pixels (N, C, H, W), as float32 numpy arrays; the
+        pixels go to the model's device in its compute dtype first."""
         ...
 
     def intermediates(
@@ -119,6 +151,26 @@ class Backend(Protocol):
     def as_tensor(self, array: np.ndarray) -> Any:
         """The framework's tensor holding `array` (for `return_tensors=`)."""
         ...
+
+
+HALF_PRECISION = ("bfloat16", "float16")
+DTYPES = ("float32", *HALF_PRECISION)  # the compute dtypes both backends run (`dtype=`)
+
+
+def warn_if_slow_dtype(dtype_name: str, device: str) -> None:
+    """A `RuntimeWarning` when half precision is asked for on a CPU device (`device`, in
+    words): CPUs without native bfloat16/float16 arithmetic convert around every op, so
+    it is slower there than float32, and it is what a GPU or TPU is for. It warns rather
+    than refuses: the numbers are right, and a CPU with AMX runs bfloat16 well."""
+    if dtype_name not in HALF_PRECISION:
+        return
+    warnings.warn(
+        f"dtype={dtype_name!r} on the CPU ({device}) is slow: most CPUs have no "
+        f"{dtype_name} arithmetic and convert around every op, so float32 (the default) "
+        "is usually faster there; half precision pays on a GPU or TPU (device=)",
+        RuntimeWarning,
+        stacklevel=4,  # the caller of load (through resolve_device)
+    )
 
 
 def check_backend_name(name: str) -> None:
@@ -165,10 +217,12 @@ def get_backend(name: str) -> Backend:
     return module
 
 
-def class_to_build(kind: ModelKind, classifier: type, base: type, model_class: type | None) -> Any:
+def class_to_build(kind: ModelKind, twins: Mapping[str, type], model_class: type | None) -> Any:
     """The twin class a backend builds for `kind`: `model_class` when given (it must be a
-    subclass of the twin's own class for that kind), else the twin's own."""
-    twin = classifier if kind.classifier else base
+    subclass of the twin's own class for that kind), else the twin's own; `twins` maps
+    each `ModelKind.model_type` ("base", "classification", "masked-image-modeling") to
+    the backend's class."""
+    twin = twins[kind.model_type]
     if model_class is None:
         return twin
     if not issubclass(model_class, twin):

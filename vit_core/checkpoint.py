@@ -59,6 +59,11 @@ def resolve_files(path: str | Path) -> tuple[Path, Path]:
             )
     elif path.suffix == ".safetensors":
         weights = path
+    elif path.suffix.lower() == ".onnx":
+        raise CheckpointError(
+            f"{path}: an exported graph, which the twins do not read; run it with "
+            "backend='onnx' (--backend onnx), or load the model folder it was exported from"
+        )
     else:
         raise CheckpointError(
             f"{path}: expected a model folder or a .safetensors file; for other formats run "

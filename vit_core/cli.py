@@ -1,4 +1,4 @@
-"""The command line: `python -m vit_core demo | predict | embed | explain | info`.
+"""The command line: `python -m vit_core demo | predict | embed | explain | info | export`.
 
 `demo` is the end-to-end proof a user can run in seconds: one safetensors file, loaded by
 both twins, classifies the same preprocessed digits with the same answers. `predict` is the
@@ -6,9 +6,9 @@ smallest useful tool on top of `vit_core.load`, and scales to folders: images ar
 in batches (`vit_core.batching`), never all held at once. `embed` streams them the same
 way into an embeddings file (`vit_core.embedding`) that a killed run resumes. `explain`
 draws where the model looked (`vit_core.explain`), with the same numpy arithmetic for both
-twins. Errors the
-package foresees (`ViTError`) end as one `error: ...` line and exit status 2; `--debug`
-shows the traceback instead.
+twins. `export` writes a folder as one ONNX or StableHLO file, verified against its twin
+before it takes its name (`vit_core.export`). Errors the package foresees (`ViTError`)
+end as one `error: ...` line and exit status 2; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from typing import Any
 import numpy as np
 
 import vit_core
-from vit_core.backend import BACKENDS, get_backend
+from vit_core.backend import ALL_BACKENDS, BACKENDS, DTYPES, REGISTRY, get_backend
 from vit_core.batching import softmax
 from vit_core.config import ViTConfig
 from vit_core.embedding import POOLS, EmbeddingsOutput, EmbedSpec, embed_pixels
 from vit_core.errors import ImageError, InputError, ViTError
-from vit_core.processing import open_image, processor_for
+from vit_core.export import FORMATS
+from vit_core.hub import identity, open_source
+from vit_core.processing import model_processor, open_image, processor_for
 from vit_core.progress import progress_bar
 
 SHIPPED_MODEL = "vit-digits"
@@ -209,6 +211,24 @@ def _predict_stream(
     return done, skipped
 
 
+def _open_model(args: argparse.Namespace, folder: str | Path, **options: Any) -> tuple[Any, Any]:
+    """The model `--model` names (a folder, or a repo id from the local Hugging Face cache
+    at `--revision`) and its image processor, opened once, so that a cached repo in another
+    layout is converted once, in memory (`vit_core.hub.open_source`). An exported graph
+    (`--backend onnx`) is a file `load` hands to its backend whole, its processor in it."""
+    if REGISTRY[args.backend].exported:
+        model = vit_core.load(
+            folder, args.backend, revision=args.revision, device=args.device, dtype=args.dtype,
+            **options,
+        )  # fmt: skip
+        return model, model_processor(Path(folder), model)
+    source = open_source(folder, args.revision)
+    model = vit_core.load(
+        source, backend=args.backend, device=args.device, dtype=args.dtype, **options
+    )
+    return model, source.processor()
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Top-k labels with probabilities for each image, streamed in batches.
 
@@ -219,10 +239,9 @@ def run_predict(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.images)  # cheap checks (files exist) before the model
     with contextlib.ExitStack() as stack:
         folder = args.model or stack.enter_context(asset(SHIPPED_MODEL))
-        model = vit_core.load(
-            folder, backend=args.backend, model_type="classification", quantize=args.quantize
+        model, processor = _open_model(
+            args, folder, model_type="classification", quantize=args.quantize
         )
-        processor = processor_for(Path(folder), model.config)
     outputs, how = get_backend(args.backend).batch_runner(model, args.workers)
     k = min(args.top_k, model.config.num_labels)
     with contextlib.ExitStack() as stack:
@@ -274,6 +293,11 @@ def _embed_on_ray(args: argparse.Namespace, spec: EmbedSpec) -> int:
 
     if args.resume:
         raise InputError("--resume is not available with --ray, which writes the whole output")
+    if args.revision is not None:
+        raise InputError(
+            "--revision is not available with --ray: each worker reads --model itself (a repo "
+            "id at its main revision); pass the snapshot folder of the revision instead"
+        )
     if args.output.suffix.lower() != ".parquet":
         raise InputError(f"{args.output}: --ray writes a folder of Parquet files: X.parquet")
     with contextlib.ExitStack() as stack:
@@ -287,6 +311,8 @@ def _embed_on_ray(args: argparse.Namespace, spec: EmbedSpec) -> int:
             batch_size=args.batch_size,
             address=args.ray or None,
             force=args.force,
+            device=args.device,
+            dtype=args.dtype,
         )
     table = import_pyarrow()[1].read_table(out, columns=["error"])
     failed = len(table) - table["error"].null_count
@@ -311,8 +337,9 @@ def run_embed(args: argparse.Namespace) -> int:
     paths = list(dict.fromkeys(expand_inputs(args.images)))  # a file named twice: one row
     source = str(args.model) if args.model else SHIPPED_MODEL
     settings = {
-        "model": str(args.model.resolve()) if args.model else SHIPPED_MODEL,
+        "model": identity(args.model, args.revision) if args.model else SHIPPED_MODEL,
         "backend": args.backend,
+        "dtype": args.dtype or "float32",  # half precision gives other numbers
         "pool": spec.pool,
         "layer": spec.layer,
         "normalize": spec.normalize,
@@ -320,8 +347,7 @@ def run_embed(args: argparse.Namespace) -> int:
     output = EmbeddingsOutput(args.output, settings, resume=args.resume, force=args.force)
     with contextlib.ExitStack() as stack:
         folder = args.model or stack.enter_context(asset(SHIPPED_MODEL))
-        model = vit_core.load(folder, backend=args.backend, model_type="base")
-        processor = processor_for(Path(folder), model.config)
+        model, processor = _open_model(args, folder, model_type="base")
     config, kind, backend = model.config, model.kind, get_backend(args.backend)
     spec.check(config, kind, source)
     width = spec.width(config, kind)
@@ -375,8 +401,7 @@ def run_explain(args: argparse.Namespace) -> int:
     image = open_image(args.image)
     with contextlib.ExitStack() as stack:
         folder = args.model or stack.enter_context(asset(SHIPPED_MODEL))
-        model = vit_core.load(folder, backend=args.backend)
-        processor = processor_for(Path(folder), model.config)
+        model, processor = _open_model(args, folder)
     config = model.config
     out = get_backend(args.backend).run(
         model, processor([image])["pixel_values"], output_attentions=True
@@ -426,6 +451,73 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------ export
+def run_export(args: argparse.Namespace) -> int:
+    """One ONNX or StableHLO file, verified against its twin on a probe batch first."""
+    from vit_core.export import export_model
+
+    report = export_model(
+        args.folder,
+        args.format,
+        args.output,
+        image_size=args.image_size,
+        force=args.force,
+        opset=args.opset,
+    )
+    print(report.summary())
+    return 0
+
+
+# ---------------------------------------------------------------------- finetune
+def run_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a model folder on an ImageFolder (`vit_core.finetune`); exit status 130
+    when interrupted, the last checkpoint kept for --resume."""
+    from vit_core.finetune import Launch, Options, Settings, checkpoints, finetune
+
+    image_size = args.image_size
+    settings = Settings(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        warmup_steps=args.warmup_steps,
+        label_smoothing=args.label_smoothing,
+        layer_decay=args.layer_decay,
+        drop_path_rate=args.drop_path,
+        image_size=(image_size, image_size) if isinstance(image_size, int) else image_size,
+        interpolation=args.interpolation,
+        crop_scale=tuple(args.crop_scale),
+        hflip=args.hflip,
+        val_fraction=args.val_fraction,
+        new_head=args.new_head,
+        seed=args.seed,
+    )
+    launch = Launch.detect(args.backend, args.coordinator, args.num_processes, args.process_id)
+    options = Options(
+        backend=args.backend,
+        grad_checkpointing=args.grad_checkpointing,
+        workers=args.workers,
+        keep_checkpoints=args.keep_checkpoints,
+        resume=args.resume,
+        force=args.force,
+        launch=launch,
+    )
+    with contextlib.ExitStack() as stack:
+        folder = args.model or stack.enter_context(asset(SHIPPED_MODEL))
+        try:
+            finetune(args.data, folder, args.output, settings, options)
+        except KeyboardInterrupt:
+            saved = checkpoints(args.output)
+            where = f"the last checkpoint is {saved[-1][1]}" if saved else "no epoch finished"
+            print(
+                f"interrupted: {where}; run the same command with --resume to continue",
+                file=sys.stderr,
+            )
+            return 130
+    return 0
+
+
 # ------------------------------------------------------------------------ parser
 def _positive_int(text: str) -> int:
     try:
@@ -457,6 +549,20 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _image_size(text: str) -> int | tuple[int, int]:
+    """N (square) or HxW, as `load(image_size=)` takes it."""
+    parts = text.lower().split("x")
+    try:
+        if len(parts) not in (1, 2):
+            raise ValueError
+        sizes = [_positive_int(part) for part in parts]
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"must be N or HxW in pixels (e.g. 384 or 384x512); got {text!r}"
+        ) from None
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
 def _results_path(text: str) -> Path:
     path = Path(text)
     if path.suffix.lower() not in (".csv", ".json"):
@@ -464,16 +570,43 @@ def _results_path(text: str) -> Path:
     return path
 
 
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model and --backend, the same on every subcommand that runs a model."""
+def _model_arguments(parser: argparse.ArgumentParser, backends: Sequence[str] = BACKENDS) -> None:
+    """--model and --backend (one of `backends`), the same on every subcommand that runs a
+    model."""
+    exported = [b for b in backends if REGISTRY[b].exported]
     parser.add_argument(
         "--model",
-        type=Path,
-        metavar="FOLDER",
-        help="model folder (model.safetensors + config.json [+ preprocessor_config.json]); "
-        "default: the shipped 8x8 digits model",
+        metavar="FOLDER|REPO_ID",
+        help="model folder (model.safetensors + config.json [+ preprocessor_config.json]), or "
+        "a Hugging Face repo id in the local cache, read offline (never downloaded; a timm "
+        "or other-family repo is converted in memory), e.g. google/vit-base-patch16-224"
+        + (
+            f"; with --backend {'/'.join(exported)}: an exported .onnx file (or a folder "
+            "holding model.onnx), written by `export`"
+            if exported
+            else ""
+        )
+        + "; default: the shipped 8x8 digits model",
     )
-    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="default: torch")
+    parser.add_argument(
+        "--revision",
+        metavar="REV",
+        help="branch, tag or commit hash of a repo id --model (default: main)",
+    )
+    parser.add_argument("--backend", choices=backends, default="torch", help="default: torch")
+    parser.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="where the model runs: torch takes cpu, cuda, cuda:1, mps; flax cpu, gpu (or "
+        "cuda), tpu, or PLATFORM:N for its N-th device (e.g. cpu:1); default: the "
+        "framework's default device (flax's predict: every device of it)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="compute dtype (softmax and LayerNorm statistics stay float32); half precision "
+        "is for GPUs and TPUs and warns on a CPU, where it is slow (default: float32)",
+    )
 
 
 def _stream_arguments(parser: argparse.ArgumentParser) -> None:
@@ -521,6 +654,200 @@ def _subcommand(
     return parser
 
 
+def _finetune_parser(subparsers: Any) -> None:
+    """The `finetune` subcommand's flags (`vit_core.finetune.Settings` and `Options`)."""
+    from vit_core.finetune import Settings, training_backends
+    from vit_core.resample import INTERPOLATIONS
+
+    defaults = Settings()
+    finetune = _subcommand(
+        subparsers,
+        "finetune",
+        "fine-tune a model folder on an ImageFolder of labelled images (AdamW, warm-up + "
+        "cosine, checkpoints every epoch, --resume); data-parallel under torchrun or "
+        "jax.distributed",
+        f"{PROG} finetune --data digits-32/ --model vit_core/assets/vit-digits "
+        "--image-size 16 -o digits-16\n"
+        f"  torchrun --nproc_per_node 2 -m vit_core finetune --data photos/ --model "
+        "./vit-base-patch16-224 --epochs 5 --layer-decay 0.75 -o photos-vit",
+        run_finetune,
+    )
+    finetune.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="ImageFolder layout: DIR/<class>/<image>, or DIR/train/<class>/<image> with "
+        "DIR/val/<class>/<image>; the sorted class names become the labels",
+    )
+    finetune.add_argument(
+        "--model",
+        type=Path,
+        metavar="FOLDER",
+        help="the model folder to start from; default: the shipped 8x8 digits model",
+    )
+    finetune.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="OUT",
+        help="the fine-tuned model folder; OUT/checkpoints/epoch-NNN/ after every epoch",
+    )
+    backends = training_backends()
+    finetune.add_argument("--backend", choices=backends, default=backends[0], help="default: torch")
+    finetune.add_argument(
+        "--image-size",
+        type=_image_size,
+        metavar="N|HxW",
+        help="train at this input size, the position embeddings resampled once at load "
+        "(default: the model's)",
+    )
+    finetune.add_argument(
+        "--interpolation",
+        choices=INTERPOLATIONS,
+        default=defaults.interpolation,
+        help=f"how --image-size resamples the positions (default: {defaults.interpolation})",
+    )
+    finetune.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=defaults.epochs,
+        metavar="N",
+        help=f"default: {defaults.epochs}",
+    )
+    finetune.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=defaults.batch_size,
+        metavar="N",
+        help="images per step, all processes together; an epoch's last, incomplete batch is "
+        f"dropped (default: {defaults.batch_size})",
+    )
+    finetune.add_argument(
+        "--lr",
+        default=defaults.lr,
+        type=float,
+        metavar="X",
+        help=f"peak learning rate of AdamW, after the warm-up (default: {defaults.lr:g})",
+    )
+    finetune.add_argument(
+        "--weight-decay",
+        default=defaults.weight_decay,
+        type=float,
+        metavar="X",
+        help="AdamW's decoupled weight decay; none on biases, norms, positions and prefix "
+        f"tokens (default: {defaults.weight_decay:g})",
+    )
+    warmup = finetune.add_mutually_exclusive_group()
+    warmup.add_argument(
+        "--warmup-epochs",
+        default=defaults.warmup_epochs,
+        type=float,
+        metavar="X",
+        help="epochs of linear warm-up from 0 before the cosine decay to 0 (default: "
+        f"{defaults.warmup_epochs:g})",
+    )
+    warmup.add_argument(
+        "--warmup-steps",
+        type=_non_negative_int,
+        metavar="N",
+        help="the warm-up in steps instead",
+    )
+    finetune.add_argument(
+        "--label-smoothing",
+        default=defaults.label_smoothing,
+        type=float,
+        metavar="X",
+        help=f"default: {defaults.label_smoothing:g}",
+    )
+    finetune.add_argument(
+        "--layer-decay",
+        type=float,
+        metavar="X",
+        help="layer-wise learning-rate decay (timm's, e.g. 0.75): the head at the full "
+        "rate, each earlier layer at X times the next one's (default: none)",
+    )
+    finetune.add_argument(
+        "--drop-path",
+        metavar="RATE",
+        type=float,
+        help="stochastic depth rate of the last block, timm's linear rule below it "
+        "(default: the model config's drop_path_rate)",
+    )
+    finetune.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute each block in the backward pass instead of keeping its activations "
+        "(less memory, about a third more time; the same weights)",
+    )
+    finetune.add_argument(
+        "--crop-scale",
+        type=float,
+        nargs=2,
+        default=defaults.crop_scale,
+        metavar=("MIN", "MAX"),
+        help="RandomResizedCrop's range of the image area kept (default: "
+        f"{defaults.crop_scale[0]:g} {defaults.crop_scale[1]:g})",
+    )
+    finetune.add_argument(
+        "--hflip",
+        default=defaults.hflip,
+        type=float,
+        metavar="X",
+        help=f"probability of a horizontal flip (default: {defaults.hflip:g}; 0 for digits "
+        "and text)",
+    )
+    finetune.add_argument(
+        "--val-fraction",
+        default=defaults.val_fraction,
+        type=float,
+        metavar="X",
+        help="without DIR/train and DIR/val: the part of each class held out for "
+        f"validation, by a fixed seeded split (default: {defaults.val_fraction:g})",
+    )
+    finetune.add_argument(
+        "--new-head",
+        action="store_true",
+        help="a new classifier even when the model's labels are already the classes",
+    )
+    finetune.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        metavar="N",
+        help="the new head, the data order, the crops and the dropout masks (default: 0)",
+    )
+    finetune.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=default_workers(),
+        metavar="N",
+        help=f"decoding threads (default: {default_workers()})",
+    )
+    finetune.add_argument(
+        "--keep-checkpoints",
+        type=_positive_int,
+        metavar="N",
+        help="keep only the N newest checkpoints (default: every epoch's)",
+    )
+    finetune.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT's last checkpoint: the weights, the optimizer state, the "
+        "schedule and the data order (the same settings required); starts afresh when OUT "
+        "has none yet",
+    )
+    finetune.add_argument("--force", action="store_true", help="replace an existing OUT")
+    jax = finetune.add_argument_group(
+        "JAX processes (flax; torch is made data-parallel by torchrun)",
+        "one process per host, each with the same flags but its own --process-id",
+    )
+    jax.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    jax.add_argument("--num-processes", type=_positive_int, metavar="N")
+    jax.add_argument("--process-id", type=_non_negative_int, metavar="I")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -548,11 +875,12 @@ def build_parser() -> argparse.ArgumentParser:
         "print (or write to CSV/JSON) the top-k labels of each image; files, globs or folders",
         f"{PROG} predict cat.jpg dog.png --model ./vit-base-patch16-224 --backend flax --top-k 3\n"
         f"  {PROG} predict photos/ 'more/**/*.jpg' --model ./vit-base-patch16-224 "
-        "--batch-size 64 --output results.csv",
+        "--batch-size 64 --output results.csv\n"
+        f"  {PROG} predict photos/ --model vit-base.onnx --backend onnx",
         run_predict,
     )
     _stream_arguments(predict)
-    _model_arguments(predict)
+    _model_arguments(predict, ALL_BACKENDS)
     predict.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="default: 5")
     predict.add_argument(
         "-o",
@@ -585,7 +913,7 @@ def build_parser() -> argparse.ArgumentParser:
         run_embed,
     )
     _stream_arguments(embed)
-    _model_arguments(embed)
+    _model_arguments(embed, ALL_BACKENDS)
     embed.add_argument(
         "-o",
         "--output",
@@ -676,6 +1004,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("folder", type=Path, metavar="FOLDER", help="model folder or .safetensors")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    export = _subcommand(
+        subparsers,
+        "export",
+        "write a model folder as one ONNX or StableHLO file for any batch size, verified "
+        "against its twin before it is written",
+        f"{PROG} export ./vit-base-patch16-224 --format onnx -o vit-base.onnx\n"
+        f"  {PROG} export ./vit-base-patch16-224 --format stablehlo --image-size 384 "
+        "-o vit-base-384.stablehlo",
+        run_export,
+    )
+    export.add_argument(
+        "folder",
+        type=Path,
+        metavar="FOLDER",
+        help="model folder (model.safetensors + config.json [+ preprocessor_config.json])",
+    )
+    export.add_argument(
+        "--format",
+        choices=FORMATS,
+        required=True,
+        help="onnx: the torch twin through torch.onnx, run back by onnxruntime (pip install "
+        "'vit-twin[onnx]'); stablehlo: the Flax twin through jax.export, run back by "
+        "jax.export.deserialize (a ZIP of program, weights and configs; docs/cli.md)",
+    )
+    export.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="OUT", help="the file to write"
+    )
+    export.add_argument(
+        "--image-size",
+        type=_image_size,
+        metavar="N|HxW",
+        help="export for this input size, the position embeddings resampled (bicubic) at "
+        "load (default: the config's image_size)",
+    )
+    export.add_argument(
+        "--opset",
+        type=_positive_int,
+        metavar="N",
+        help="onnx only: the ONNX operator set to target (default: vit_torch.export's "
+        "DEFAULT_OPSET)",
+    )
+    export.add_argument("--force", action="store_true", help="replace an existing OUT")
+    _finetune_parser(subparsers)
     return parser
 
 

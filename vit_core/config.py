@@ -61,6 +61,10 @@ EXTENSION_FIELDS: dict[str, Any] = {
     "use_fc_norm": False,
     "use_swiglu_ffn": False,
 }
+# Fields transformers' ViTConfig lacks that only training reads. The inference function is
+# the same at any value (like the dropout rates'), so they are no extensions and
+# `transformers_compatible` ignores them; transformers keeps them as plain attributes.
+TRAINING_FIELDS: dict[str, Any] = {"drop_path_rate": 0.0}
 # A config asking for more classes than this is refused before the label map is built.
 MAX_LABELS = 1_000_000
 # What a field's JSON value must be, in words, where its type alone says it too loosely.
@@ -112,6 +116,9 @@ class ViTConfig:
     - the family switches of docs/families.md: `num_register_tokens`,
       `use_distillation_token`, `no_embed_class`, `layerscale_value`, `use_pre_norm`,
       `patch_embedding_bias`, `use_final_norm`, `use_fc_norm`, `use_swiglu_ffn`.
+
+    `drop_path_rate` (a `TRAINING_FIELDS` entry, timm's and DINOv2's name): stochastic
+    depth in training, at the per-block rates `drop_path_rates`; 0 turns it off.
     """
 
     hidden_size: int = 768
@@ -121,6 +128,7 @@ class ViTConfig:
     hidden_act: str = "gelu"
     hidden_dropout_prob: float = 0.0
     attention_probs_dropout_prob: float = 0.0
+    drop_path_rate: float = 0.0
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
     image_size: int | tuple[int, int] = 224
@@ -234,7 +242,7 @@ class ViTConfig:
                     f"ViTConfig.{name}={getattr(self, name)!r} is not supported; "
                     f"choose one of {', '.join(ACTIVATIONS)}"
                 )
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"ViTConfig.{name} must be in [0, 1); got {getattr(self, name)}")
         if not self.layer_norm_eps > 0:
@@ -254,6 +262,12 @@ class ViTConfig:
             raise ConfigError(
                 "ViTConfig: use_distillation_token=True needs use_class_token=True and "
                 "pooling_type='cls' (the two heads read the class and distillation tokens)"
+            )
+        if self.use_distillation_token and self.classifier_uses_pooler:
+            raise ConfigError(
+                "ViTConfig: use_distillation_token=True and classifier_uses_pooler=True: a "
+                "distilled classifier's two heads read the class and distillation tokens "
+                "themselves, so a pooler would be trained by nothing"
             )
         if self.use_fc_norm and not self.use_final_norm:
             raise ConfigError(
@@ -311,6 +325,18 @@ class ViTConfig:
     def has_token_norm(self) -> bool:
         """Whether the final LayerNorm normalises every token (`layernorm`)."""
         return self.use_final_norm and not self.use_fc_norm
+
+    @property
+    def drop_path_rates(self) -> tuple[float, ...]:
+        """Each block's stochastic-depth rate, timm's linear rule: 0 at the first block
+        rising to `drop_path_rate` at the last, so the early blocks, whose features every
+        later block builds on, are dropped least (Huang et al., 2016). timm draws the line
+        with float32 `torch.linspace`; it is exact here, so the two agree to float32 rounding.
+        """
+        depth = self.num_hidden_layers
+        if depth == 1:
+            return (0.0,)  # torch.linspace(0, rate, 1) is [0]
+        return tuple(self.drop_path_rate * i / (depth - 1) for i in range(depth))
 
     @property
     def head_dim(self) -> int:

@@ -47,7 +47,7 @@ from vit_core.backend import get_backend
 from vit_core.batching import expand_inputs, softmax, threaded_batches, top_k
 from vit_core.embedding import EmbedSpec, embed_pixels, import_pyarrow, parquet_table
 from vit_core.errors import InputError
-from vit_core.processing import processor_for
+from vit_core.processing import model_processor
 
 EXTRA = "pip install 'vit-twin[ray]'"
 DEFAULT_SPEC = EmbedSpec()  # "auto" pooling of the last block, as `embed` does by default
@@ -86,6 +86,8 @@ class ModelActor:
         model_type: str,
         decoders: int,
         working_dir: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
     ) -> None:
         if working_dir is not None:
             try:
@@ -97,9 +99,11 @@ class ModelActor:
                     "paths on storage every node mounts"
                 ) from None
         self.backend = get_backend(backend)
-        self.model = vit_core.load(model, backend=backend, model_type=model_type)
+        self.model = vit_core.load(
+            model, backend=backend, model_type=model_type, device=device, dtype=dtype
+        )
         self.config = self.model.config
-        self.processor = processor_for(Path(model), self.config)
+        self.processor = model_processor(Path(model), self.model)
         self.decoders = decoders
 
     def __call__(self, batch: Any) -> Any:
@@ -234,6 +238,8 @@ class Pool:
     num_gpus_per_actor: float
     address: str | None
     force: bool
+    device: str | None = None  # `load`'s, in every actor (Ray gives each its own GPUs)
+    dtype: str | None = None
 
     def check(self) -> None:
         """Refuse, before a model is loaded or a cluster started, what cannot run."""
@@ -243,10 +249,12 @@ class Pool:
             raise InputError(f"num_actors={self.num_actors}: needs at least 1 actor")
         if self.num_gpus_per_actor < 0:
             raise InputError(f"num_gpus_per_actor={self.num_gpus_per_actor}: must be 0 or more")
-        if self.num_gpus_per_actor and self.backend == "torch":
+        on_cpu = self.device is None or str(self.device).startswith("cpu")
+        if self.num_gpus_per_actor and self.backend == "torch" and on_cpu:
             raise InputError(
-                f"num_gpus_per_actor={self.num_gpus_per_actor:g}: the torch backend of this "
-                "package runs on the CPU; GPU actors need backend='flax' with a CUDA build of jax"
+                f"num_gpus_per_actor={self.num_gpus_per_actor:g} reserves GPUs for actors "
+                f"whose torch model would run on the CPU (device={self.device!r}): pass "
+                "device='cuda' (each actor sees its own GPUs from cuda:0 on)"
             )
 
 
@@ -284,6 +292,8 @@ def run_pool(
         "backend": pool.backend,
         "decoders": cpus if cpus > 1 else 0,
         "working_dir": os.getcwd() if relative else None,
+        "device": pool.device,
+        "dtype": pool.dtype,
     }
     dataset = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=batches)
     results = dataset.map_batches(
@@ -316,6 +326,8 @@ def ray_embed(
     num_gpus_per_actor: float = 0,
     address: str | None = None,
     force: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
     actor_class: type[EmbedActor] = EmbedActor,
 ) -> Path:
     """Embed every image on a Ray cluster; `output` becomes a folder of Parquet files.
@@ -330,10 +342,11 @@ def ray_embed(
     `num_actors`: the pool's size (default: one actor per CPU of the cluster, or per
     `num_gpus_per_actor` GPUs); `address`: as `ray.init` takes it (None: `RAY_ADDRESS` or
     a new local instance; ignored when this process is connected already). An existing
-    `output` is an error unless `force`. `actor_class`: a subclass of `EmbedActor` to run
-    instead (to add logging, or a failure in tests).
+    `output` is an error unless `force`. `device` and `dtype`: `vit_core.load`'s, in each
+    actor (the driver checks the folder on its default device). `actor_class`: a
+    subclass of `EmbedActor` to run instead (to add logging, or a failure in tests).
     """
-    pool = Pool(backend, batch_size, num_actors, num_gpus_per_actor, address, force)
+    pool = Pool(backend, batch_size, num_actors, num_gpus_per_actor, address, force, device, dtype)
     paths, out = find_images(images, output, pool)
     encoder = vit_core.load(model, backend=backend, model_type="base")
     spec.check(encoder.config, encoder.kind, str(model))
@@ -352,6 +365,8 @@ def ray_predict(
     num_gpus_per_actor: float = 0,
     address: str | None = None,
     force: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
     actor_class: type[PredictActor] = PredictActor,
 ) -> Path:
     """`predict` on a Ray cluster: the top-k labels and probabilities of every image, as
@@ -362,7 +377,7 @@ def ray_predict(
     """
     if top_k < 1:
         raise InputError(f"top_k={top_k}: needs at least 1")
-    pool = Pool(backend, batch_size, num_actors, num_gpus_per_actor, address, force)
+    pool = Pool(backend, batch_size, num_actors, num_gpus_per_actor, address, force, device, dtype)
     paths, out = find_images(images, output, pool)
     classifier = vit_core.load(model, backend=backend, model_type="classification")
     k = min(top_k, classifier.config.num_labels)

@@ -9,7 +9,8 @@ as one `error: ...` line and exit with status 2 (see docs/errors.md).
     ViTError (ValueError)
     ├── ConfigError        a config field is missing, invalid or contradicts another
     ├── CheckpointError    a weight file cannot be read or is not a ViT checkpoint
-    │   └── LayoutError    readable weights whose keys, shapes or dtypes do not fit
+    │   ├── LayoutError    readable weights whose keys, shapes or dtypes do not fit
+    │   └── NotCachedError a Hugging Face repo id that the local cache does not hold
     ├── ImageError         an image or pixel array cannot become model input
     ├── InputError         a model called with input it cannot process
     └── WriteError (also OSError)  a model folder could not be written; nothing changed
@@ -34,6 +35,11 @@ class CheckpointError(ViTError):
 class LayoutError(CheckpointError):
     """Weights are readable but their keys, shapes or dtypes disagree with the canonical
     layout."""
+
+
+class NotCachedError(CheckpointError):
+    """A Hugging Face repo id (at the revision asked for) is not in the local cache, which
+    is the only place this package looks: nothing is ever downloaded (`vit_core.hub`)."""
 
 
 class ImageError(ViTError):

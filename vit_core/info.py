@@ -48,7 +48,7 @@ def folder_info(path: str | Path) -> dict[str, Any]:
     name, transformers_class = family(config, kind)
     return {
         "folder": str(weights.parent),
-        "model": "ViTForImageClassification" if kind.classifier else "ViTModel",
+        "model": kind.architecture,
         "family": name,
         "transformers_class": transformers_class if layout_problem is None else None,
         "pooler": kind.pooler,
@@ -67,9 +67,12 @@ def family(config: ViTConfig, kind: ModelKind) -> tuple[str, str | None]:
     """(the family a config belongs to, the transformers class that computes the same
     function from the same weights, or None), judged from the switches (docs/families.md)."""
     c = config
+    if kind.decoder:  # only transformers' ViT has the SimMIM decoder
+        name, _ = family(config, ModelKind(classifier=False, pooler=False))
+        return name, kind.architecture if c.transformers_compatible else None
     plain_blocks = c.layerscale_value is None and not c.use_swiglu_ffn
     if c.transformers_compatible:
-        return "ViT", "ViTForImageClassification" if kind.classifier else "ViTModel"
+        return "ViT", kind.architecture
     if c.use_distillation_token:
         if not plain_blocks or c.num_register_tokens or c.use_pre_norm:
             return "DeiT (distilled) variant", None

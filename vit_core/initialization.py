@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from vit_core.config import ViTConfig
-from vit_core.layout import ModelKind, expected_shapes, to_internal
+from vit_core.layout import MASK_TOKEN, ModelKind, expected_shapes, to_internal
 
 # The std of a unit normal truncated to [-2, 2]; dividing by it restores the asked-for std.
 TRUNCATED_NORMAL_STD = 0.87962566103423978
@@ -45,15 +45,17 @@ def initial_weights(config: ViTConfig, kind: ModelKind, seed: int) -> dict[str, 
 
     Truncated normal(`initializer_range`) for every Linear and Conv weight, the learned
     tokens (class, distillation, registers, the MAP probe) and the position embeddings;
-    zeros for biases; ones for LayerNorm scales; `layerscale_value` for LayerScale.
+    zeros for biases and the mask token (as transformers starts it; it draws nothing);
+    ones for LayerNorm scales; `layerscale_value` for LayerScale.
     One generator draws the tensors in the order of `vit_core.layout.TABLE` (each
-    per-layer row for every layer, then the next row), so the head comes last: a base
-    model and a classification model from one seed share their encoder's weights.
+    per-layer row for every layer, then the next row), so the heads come last: a base,
+    a classification and a masked-image-modeling model from one seed share their
+    encoder's weights.
     """
     rng = np.random.default_rng(seed)
     weights = {}
     for name, shape in internal_shapes(config, kind).items():
-        if name.endswith(".bias"):
+        if name.endswith((".bias", MASK_TOKEN)):
             value = np.zeros(shape, np.float32)
         elif name.endswith(".gamma"):  # LayerScale
             value = np.full(shape, config.layerscale_value, np.float32)

@@ -7,10 +7,12 @@ On disk a model is a folder in Hugging Face transformers' ViT PyTorch layout:
     preprocessor_config.json   `ViTImageProcessor.to_dict()` (optional)
 
 Keys of `ViTModel` (classification models prefix every key with `vit.` and add the
-top-level `classifier.*`). Symbols: D hidden_size, C num_channels, (Ph, Pw) patch size,
-T num_positions (patches + prefix tokens, see docs/families.md), R num_register_tokens,
-I intermediate_size, G the first MLP layer's width (2I for the gated MLP, else I),
-Dp pooler_output_size, K num_labels, {i} the layer index 0..num_hidden_layers-1. Linear weights are
+top-level `classifier.*`; masked-image-modeling models prefix them too, with the mask
+token, and add the top-level `decoder.0.*`). Symbols: D hidden_size, C num_channels,
+(Ph, Pw) patch size, T num_positions (patches + prefix tokens, see docs/families.md),
+R num_register_tokens, I intermediate_size, G the first MLP layer's width (2I for the
+gated MLP, else I), Dp pooler_output_size, K num_labels, E encoder_stride^2 * C, {i} the
+layer index 0..num_hidden_layers-1. Linear weights are
 (out_features, in_features) and the patch projection is a Conv2d kernel (O, I, H, W),
 exactly as in transformers; the Flax twin transposes on load, never on disk.
 
@@ -33,7 +35,14 @@ from vit_core.config import ViTConfig
 from vit_core.errors import LayoutError
 
 WEIGHTS_NAME = "model.safetensors"
+# An exported graph (`model.onnx`) carries its folder's text in its metadata, keyed by file
+# name (config.json, preprocessor_config.json), and its `ModelKind` as JSON under this key:
+# written by `vit_torch.export`, read by `vit_onnx.backend`.
+ONNX_NAME = "model.onnx"
+KIND_METADATA_KEY = "model_kind"
 BASE_PREFIX = "vit."
+MASK_TOKEN = "embeddings.mask_token"
+DECODER = "decoder."  # the masked-image-modeling decoder's keys (top level, as the heads')
 LAYER = "encoder.layer.{i}."  # canonical
 BLOCK = "encoder.layers.{i}."  # internal
 
@@ -57,14 +66,50 @@ class Entry:
 
 @dataclass(frozen=True)
 class ModelKind:
-    """Which of the layout's optional parts a model has."""
+    """Which of the layout's optional parts a model has.
+
+    `mask_token`: the embeddings' learned mask token (transformers' `use_mask_token`);
+    `decoder`: the SimMIM pixel decoder of `ViTForMaskedImageModeling`, which always has
+    the mask token and neither a pooler nor a classifier (as transformers builds it).
+    """
 
     classifier: bool
     pooler: bool
+    mask_token: bool = False
+    decoder: bool = False
+
+    def __post_init__(self) -> None:
+        if self.decoder and (self.classifier or self.pooler or not self.mask_token):
+            raise ValueError(f"{self}: a decoder comes with a mask token, no pooler, no classifier")
+        if self.mask_token and self.classifier:
+            raise ValueError(f"{self}: a classifier has no mask token (as in transformers)")
 
     @property
     def prefix(self) -> str:
-        return BASE_PREFIX if self.classifier else ""
+        """`vit.` before the encoder's keys of a model with a head (classifier or decoder)."""
+        return BASE_PREFIX if self.classifier or self.decoder else ""
+
+    @property
+    def model_type(self) -> str:
+        """`vit_core.load`'s name for this kind of model (`model_type=`)."""
+        if self.decoder:
+            return MASKED_IMAGE_MODELING
+        return "classification" if self.classifier else "base"
+
+    @property
+    def architecture(self) -> str:
+        """The transformers class of this kind (`config.json`'s `architectures`)."""
+        return ARCHITECTURES[self.model_type]
+
+
+MASKED_IMAGE_MODELING = "masked-image-modeling"
+ARCHITECTURES = {
+    "base": "ViTModel",
+    "classification": "ViTForImageClassification",
+    MASKED_IMAGE_MODELING: "ViTForMaskedImageModeling",
+}
+# The masked-image-modeling kind (transformers' `ViTForMaskedImageModeling`).
+MIM_KIND = ModelKind(classifier=False, pooler=False, mask_token=True, decoder=True)
 
 
 def _entries(
@@ -89,6 +134,10 @@ TABLE: tuple[Entry, ...] = (
     Entry("embeddings.register_tokens", ("1", "R", "D"), "embeddings.register_tokens",
           "register tokens, after the class and distillation tokens",
           lambda c, k: c.num_register_tokens > 0, "num_register_tokens > 0"),
+    Entry(MASK_TOKEN, ("1", "1", "D"), MASK_TOKEN,
+          "mask token (SimMIM): stands in for the masked patches' embeddings, before the "
+          "prefix tokens and positions are added", lambda c, k: k.mask_token,
+          "masked image modeling (or use_mask_token)"),
     Entry("embeddings.position_embeddings", ("1", "T", "D"), "embeddings.position_embeddings",
           "learned positions: the prefix tokens' (unless no_embed_class), then the patches "
           "row-major"),
@@ -176,19 +225,34 @@ TABLE: tuple[Entry, ...] = (
         ("distillation_classifier.bias", ("K",), "distillation_classifier.bias", "its bias"),
     ), lambda c, k: k.classifier and c.num_labels > 0 and c.use_distillation_token,
        "a classifier with use_distillation_token"),
+    *_entries((
+        (DECODER + "0.weight", ("E", "D", "1", "1"), "decoder.projection.weight",
+         "masked image modeling decoder (top level): a 1x1 Conv2d to E = encoder_stride^2 * C "
+         "values per patch, then PixelShuffle(encoder_stride)"),
+        (DECODER + "0.bias", ("E",), "decoder.projection.bias", "its bias"),
+    ), lambda c, k: k.decoder, "masked image modeling"),
 )
 # fmt: on
-HEADS = ("classifier.", "distillation_classifier.")  # top-level keys: no `vit.` prefix
+HEADS = ("classifier.", "distillation_classifier.")  # the classifiers' top-level keys
+TOP_LEVEL = (*HEADS, DECODER)  # keys that never take the `vit.` prefix
 QKV = ("query", "key", "value")
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 
 def model_kind(keys: set[str] | Mapping[str, object], config: ViTConfig) -> ModelKind:
-    """Tell a classification checkpoint from a base-model one by its keys."""
+    """Tell a classification, masked-image-modeling or base-model checkpoint by its keys.
+
+    A decoder key or a `vit.`-prefixed mask token makes it masked image modeling (what
+    it lacks of that layout the layout check then names); an unprefixed mask token is
+    a base model's (transformers' `ViTModel(use_mask_token=True)`)."""
+    if any(k.startswith(DECODER) for k in keys) or BASE_PREFIX + MASK_TOKEN in keys:
+        return MIM_KIND
     classifier = any(k.startswith((BASE_PREFIX, *HEADS)) for k in keys)
     pooler = f"{BASE_PREFIX if classifier else ''}pooler.dense.weight" in keys
     return ModelKind(
-        classifier=classifier, pooler=pooler or (classifier and config.classifier_uses_pooler)
+        classifier=classifier,
+        pooler=pooler or (classifier and config.classifier_uses_pooler),
+        mask_token=not classifier and MASK_TOKEN in keys,
     )
 
 
@@ -207,6 +271,7 @@ def _dims(config: ViTConfig) -> dict[str, int]:
         "G": config.mlp_in_width,
         "Dp": config.pooler_output_size,
         "K": config.num_labels,
+        "E": config.encoder_stride**2 * config.num_channels,
     }
 
 
@@ -218,7 +283,7 @@ def expected_shapes(config: ViTConfig, kind: ModelKind) -> dict[str, tuple[int, 
         if not entry.when(config, kind):
             continue
         shape = tuple(dims[s] for s in entry.shape)
-        prefix = "" if entry.key.startswith(HEADS) else kind.prefix
+        prefix = "" if entry.key.startswith(TOP_LEVEL) else kind.prefix
         layers = range(config.num_hidden_layers) if "{i}" in entry.key else [None]
         for i in layers:
             shapes[prefix + entry.key.format(i=i)] = shape

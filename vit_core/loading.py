@@ -14,6 +14,8 @@ and the Flax model come out with the same weights:
   `interpolate_pos_encoding` and `save_pretrained` writes the resized model.
 - `num_labels=`: the classifier is re-initialised for a new label set, the rest kept
   (transformers' `ignore_mismatched_sizes`, but asked for by name, never silent).
+- `init_decoder=True`: a fresh masked-image-modeling decoder and mask token on the
+  checkpoint's encoder (`vit_core.surgery.new_decoder`).
 """
 
 from __future__ import annotations
@@ -27,16 +29,13 @@ from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from vit_core._io import can_write_in_place, files_in_place, staged_folder
-from vit_core.backend import Outputs, backend_options, get_backend
-from vit_core.checkpoint import (
-    non_finite_report,
-    read_tensors,
-    release_pages,
-    resolve_files,
-)
+from vit_core.backend import REGISTRY, Outputs, backend_options, get_backend
+from vit_core.checkpoint import non_finite_report, release_pages
 from vit_core.config import ViTConfig
 from vit_core.errors import OutputExistsError, WriteError
+from vit_core.hub import ModelSource, open_source
 from vit_core.layout import (
+    MASKED_IMAGE_MODELING,
     WEIGHTS_NAME,
     ModelKind,
     check_layout,
@@ -49,17 +48,18 @@ from vit_core.surgery import (
     check_depth,
     check_layout_with_hint,
     checked_new_head,
+    new_decoder,
     resize_for_image_size,
     select_model_type,
 )
 
-ModelType = Literal["auto", "base", "classification"]
+ModelType = Literal["auto", "base", "classification", "masked-image-modeling"]
 MODEL_TYPES: tuple[str, ...] = get_args(ModelType)
 
 
 @overload
 def load(
-    path: str | Path,
+    path: str | Path | ModelSource,
     backend: Literal["torch"] = "torch",
     dtype: Any = None,
     model_type: ModelType = "auto",
@@ -69,6 +69,9 @@ def load(
     id2label: Mapping[int, str] | None = None,
     seed: int = 0,
     model_class: type | None = None,
+    revision: str | None = None,
+    device: Any = None,
+    init_decoder: bool = False,
     *,
     quantize: str | None = None,
     calibration: Any = None,
@@ -78,7 +81,7 @@ def load(
 
 @overload
 def load(
-    path: str | Path,
+    path: str | Path | ModelSource,
     backend: Literal["flax"],
     dtype: Any = None,
     model_type: ModelType = "auto",
@@ -88,12 +91,15 @@ def load(
     id2label: Mapping[int, str] | None = None,
     seed: int = 0,
     model_class: type | None = None,
+    revision: str | None = None,
+    device: Any = None,
+    init_decoder: bool = False,
 ) -> Any: ...
 
 
 @overload
 def load(
-    path: str | Path,
+    path: str | Path | ModelSource,
     backend: str,
     dtype: Any = None,
     model_type: str = "auto",
@@ -103,12 +109,15 @@ def load(
     id2label: Mapping[int, str] | None = None,
     seed: int = 0,
     model_class: type | None = None,
+    revision: str | None = None,
+    device: Any = None,
+    init_decoder: bool = False,
     **options: Any,
 ) -> Any: ...
 
 
 def load(
-    path: str | Path,
+    path: str | Path | ModelSource,
     backend: str = "torch",
     dtype: Any = None,
     model_type: str = "auto",
@@ -118,12 +127,20 @@ def load(
     id2label: Mapping[int, str] | None = None,
     seed: int = 0,
     model_class: type | None = None,
+    revision: str | None = None,
+    device: Any = None,
+    init_decoder: bool = False,
     **options: Any,
 ) -> Any:
-    """A model ready for inference from a canonical folder (or a `.safetensors` + config).
+    """A model ready for inference from a canonical folder (or a `.safetensors` + config),
+    or from a Hugging Face repo id in the local cache, at `revision` (branch, tag or commit;
+    `vit_core.hub`: never a download; a repo in another layout, such as a timm one, is
+    converted in memory). `path` may also be a `vit_core.hub.ModelSource` opened already.
 
     `model_type="auto"` builds the classification model when the file has a classifier
-    head (`vit.`-prefixed keys) and the base model otherwise. Loading is strict: every
+    head (`vit.`-prefixed keys), the masked-image-modeling model (transformers'
+    `ViTForMaskedImageModeling`, SimMIM) when it has its decoder (`decoder.*`), and the
+    base model otherwise; "base" takes the encoder of either. Loading is strict: every
     missing, unexpected or mis-shaped key is named in one `LayoutError`. A torch model
     comes back in eval mode; a Flax model holds its params and is called as
     `model(pixel_values)`. `dtype` (e.g. "bfloat16") casts the weights after checking.
@@ -138,12 +155,36 @@ def load(
     `num_labels` (optionally with `id2label`; labels default to LABEL_i) replaces the
     classifier with a new one drawn from `seed` (same seed, same head in both backends);
     without it a checkpoint whose head disagrees with its config is a `LayoutError`.
+    On a masked-image-modeling checkpoint it drops the decoder and the mask token:
+    fine-tuning after SimMIM pre-training.
+
+    `init_decoder=True` (with `model_type="masked-image-modeling"`) starts SimMIM
+    pre-training from any checkpoint's encoder: a zero mask token and a decoder drawn
+    from `seed`, any pooler, classifier or old decoder dropped (transformers initialises
+    missing weights with a warning; here they are asked for by name, and without it a
+    checkpoint lacking the decoder is a `CheckpointError` naming the missing keys).
+
+    Devices and dtypes: `device` is where the weights go and the model runs; None is the
+    framework's default (torch's default device, usually the CPU; jax's default device,
+    uncommitted). The torch backend takes "cpu", "cuda", "cuda:1", "mps" or a
+    `torch.device`; the Flax backend a `jax.Device`, a platform ("cpu", "gpu" or "cuda",
+    "tpu": its first device) or "platform:N" (its N-th, e.g. "cpu:1"). A device this
+    machine lacks is an `InputError` naming those it has, before any tensor is read.
+    `dtype` is the compute dtype ("float32", the default whatever the file stores;
+    "bfloat16"; "float16"): weights are cast on the host before they travel, and the
+    backends' `run` sends pixels in it too; softmax and LayerNorm statistics stay in
+    float32 (docs/numerics.md). Half precision on a CPU warns: it is slow there.
 
     Backend options go to the backend (`vit_core.backend.REGISTRY` says which takes what):
     the torch backend's `quantize="int8"` / `"int8-static"` with `calibration=` run the
     encoder as int8 matmuls (`vit_torch.quantization`: faster on CPUs, inference only);
     its `compile=True` runs plain calls through `torch.compile` with frozen weights
     (`vit_torch.compiled`: each input shape compiles once, at its first call).
+
+    `backend="onnx"` runs an exported graph instead (`path`: a `.onnx` file written by
+    `python -m vit_core export`, or a folder holding `model.onnx`; `vit_onnx.backend`):
+    the same outputs, in float32, on "cpu" or "cuda"; what would change the model
+    (`image_size`, `num_labels`, ...) is refused, as a graph is fixed when exported.
     """
     options = backend_options(backend, options)
     if model_type not in MODEL_TYPES:
@@ -151,44 +192,78 @@ def load(
     check_interpolation(interpolation)
     if num_labels is None and id2label is not None:
         num_labels = len(id2label)
-    if num_labels is not None and model_type == "base":
-        raise ValueError("num_labels replaces the classifier head; a base model has none")
-    weights, config_file = resolve_files(path)
-    config = ViTConfig.from_json_file(config_file)
+    if num_labels is not None and model_type in ("base", MASKED_IMAGE_MODELING):
+        raise ValueError(f"num_labels replaces the classifier head; a {model_type} model has none")
+    if init_decoder and model_type != MASKED_IMAGE_MODELING:
+        raise ValueError(
+            "init_decoder=True starts a masked-image-modeling decoder; pass "
+            "model_type='masked-image-modeling' with it"
+        )
+    if init_decoder and REGISTRY[backend].exported:
+        raise ValueError(
+            f"init_decoder=True changes the model; a {backend} graph is fixed when exported: "
+            "start the decoder from the folder it was exported from"
+        )
+    if REGISTRY[backend].exported:  # an exported graph (vit_onnx): the backend reads the file
+        runtime: Any = get_backend(backend)
+        return runtime.open_graph(
+            path, model_type, dtype, image_size, num_labels, id2label, model_class, revision, device
+        )
+    # a folder or file as it is; a repo id from the local Hugging Face cache (vit_core.hub)
+    source = open_source(path, revision)
+    weights, config = source.weights, source.config
     # The framework is imported only now that the files and config are known to be good,
     # and its options are checked before any tensor is read.
     twin = get_backend(backend)
-    twin.check_options(dtype, **options)
-    tensors = read_tensors(weights)
+    place = twin.resolve_device(device, dtype)
+    twin.check_options(dtype, place, **options)
+    tensors = source.read_tensors()
     check_depth(tensors, config, weights)
     tensors, kind = select_model_type(
         tensors,
         model_kind(tensors, config),
         "auto" if num_labels is not None else model_type,
         weights,
+        init_decoder,
     )
     if num_labels is not None:
         tensors, config, kind = checked_new_head(
             tensors, config, kind, num_labels, id2label, seed, str(weights)
         )
+    if init_decoder:
+        tensors, kind = new_decoder(tensors, config, kind, seed, str(weights))
     check_layout_with_hint(tensors, config, kind, str(weights))
     if image_size is not None:
         tensors, config = resize_for_image_size(tensors, config, kind, image_size, interpolation)
     # q/k/v pages are given back as each layer is fused: peak memory stays one model's
     internal = to_internal(tensors, kind, consumed=release_pages)
-    return twin.build(config, kind, internal, dtype, model_class, **options)
+    return twin.build(config, kind, internal, dtype, model_class, place, **options)
 
 
 def folder_outputs(folder: str | Path, backend: str, pixels: np.ndarray) -> Outputs:
     """A folder's outputs from one backend in float32: logits (and a distilled model's
-    cls_logits and distillation_logits) if it has a classifier, last_hidden_state, and
-    pooler_output (if its encoder has one)."""
+    cls_logits and distillation_logits) if it has a classifier, reconstruction if it is
+    a masked-image-modeling model, last_hidden_state, and pooler_output (if its encoder
+    has one)."""
     twin = get_backend(backend)
     first = twin.run(load(folder, backend, dtype="float32"), pixels)  # the folder's own model
-    if "logits" not in first:  # a base model: its outputs are the encoder's
+    if "last_hidden_state" in first:  # a base model: its outputs are the encoder's
         return first
     base = twin.run(load(folder, backend, dtype="float32", model_type="base"), pixels)
     return {**first, **base}
+
+
+PROBE_SEED = 0
+PROBE_BATCH = 2
+
+
+def probe(config: ViTConfig) -> np.ndarray:
+    """The fixed probe batch that verifications run (conversion's `--verify`, `export`):
+    seeded unit-normal pixels, (PROBE_BATCH, C, H, W) float32 at the config's image size."""
+    height, width = config.image_hw
+    rng = np.random.default_rng(PROBE_SEED)
+    shape = (PROBE_BATCH, config.num_channels, height, width)
+    return rng.standard_normal(shape).astype(np.float32)
 
 
 def save_folder(
@@ -229,7 +304,7 @@ def save_folder(
     arrays = {k: np.ascontiguousarray(v) for k, v in sorted(canonical.items())}
     config = ViTConfig.from_dict(
         config.to_dict(),
-        architectures=["ViTForImageClassification" if kind.classifier else "ViTModel"],
+        architectures=[kind.architecture],
     )
 
     def write(staging: Path) -> None:

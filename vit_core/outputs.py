@@ -63,3 +63,17 @@ class ImageClassifierOutput(ModelOutput):
     attentions: tuple[Any, ...] | None = None
     cls_logits: Any = None
     distillation_logits: Any = None
+
+
+@dataclass
+class MaskedImageModelingOutput(ModelOutput):
+    """transformers' record of `ViTForMaskedImageModeling`: `loss` (the L1 reconstruction
+    loss over the masked patches) only when `bool_masked_pos` was given; `reconstruction`
+    (B, C, H', W'), the decoder's pixels for every patch, masked or not (H' = H and W' = W
+    when `encoder_stride` is the patch size); `hidden_states` and `attentions` as the
+    encoder's (`BaseModelOutputWithPooling`)."""
+
+    loss: Any = None
+    reconstruction: Any = None
+    hidden_states: tuple[Any, ...] | None = None
+    attentions: tuple[Any, ...] | None = None

@@ -476,3 +476,13 @@ def processor_for(model_path: Path, config: ViTConfig) -> ViTImageProcessor:
         return ViTImageProcessor.from_pretrained(folder)
     height, width = config.image_hw
     return ViTImageProcessor(size={"height": height, "width": width})
+
+
+def model_processor(model_path: Path, model: Any) -> ViTImageProcessor:
+    """The processor of a loaded model: the one it carries where it carries one (an
+    exported graph stores the processor it was exported with: `vit_onnx`), else the one
+    `processor_for` finds for its file."""
+    carried = getattr(model, "processor", None)
+    if isinstance(carried, ViTImageProcessor):
+        return carried
+    return processor_for(model_path, model.config)

@@ -25,6 +25,9 @@ class NoBar:
     def set_description(self, text: str) -> None:
         return None
 
+    def set_postfix_str(self, text: str) -> None:
+        return None
+
     def close(self) -> None:
         return None
 

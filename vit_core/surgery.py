@@ -1,9 +1,11 @@
 """Model surgery on canonical tensors, in numpy, so both twins get the same weights.
 
-Asked for by name at load time, never silent: narrowing a classification checkpoint to
-its encoder, a new classifier for another label set (`replace_head`), and the position
-table resampled for another input size (`resize_for_image_size`). The layout check with
-its next-step hints lives here too, since it decides which surgery a mismatch calls for.
+Asked for by name at load time, never silent: narrowing a classification or
+masked-image-modeling checkpoint to its encoder (`encoder_of`), a new classifier for
+another label set (`replace_head`), a new masked-image-modeling decoder (`new_decoder`),
+and the position table resampled for another input size (`resize_for_image_size`).
+The layout check with its next-step hints lives here too, since it decides which surgery
+a mismatch calls for.
 """
 
 from __future__ import annotations
@@ -20,29 +22,97 @@ from vit_core.checkpoint import CONVERT_HINT
 from vit_core.config import ViTConfig
 from vit_core.errors import CheckpointError, ConfigError, LayoutError
 from vit_core.initialization import truncated_normal
-from vit_core.layout import BASE_PREFIX, HEADS, ModelKind, check_layout, expected_shapes
+from vit_core.layout import (
+    BASE_PREFIX,
+    DECODER,
+    HEADS,
+    MASK_TOKEN,
+    MASKED_IMAGE_MODELING,
+    MIM_KIND,
+    TOP_LEVEL,
+    ModelKind,
+    check_layout,
+    expected_shapes,
+)
 from vit_core.resample import (
     DEFAULT_INTERPOLATION,
     check_interpolation,
     resample_position_embeddings,
 )
 
+# The keys a masked-image-modeling model has beyond its encoder's.
+MIM_HEAD_KEYS = (BASE_PREFIX + MASK_TOKEN, DECODER + "0.weight", DECODER + "0.bias")
+
 
 def select_model_type(
-    tensors: dict[str, np.ndarray], kind: ModelKind, model_type: str, source: Path
+    tensors: dict[str, np.ndarray],
+    kind: ModelKind,
+    model_type: str,
+    source: Path,
+    init_decoder: bool = False,
 ) -> tuple[dict[str, np.ndarray], ModelKind]:
-    """Narrow a classification checkpoint to its encoder when a base model is asked for."""
+    """Narrow a classification or masked-image-modeling checkpoint to its encoder when a
+    base model is asked for; refuse a model whose head the checkpoint lacks (a new one is
+    asked for by name: `num_labels=`, `init_decoder=`)."""
     if model_type == "classification" and not kind.classifier:
+        if kind.decoder:
+            raise CheckpointError(
+                f"{source}: is a masked-image-modeling checkpoint (a `decoder.*` and a mask "
+                "token, no classifier); load it with num_labels=N for a new classifier on "
+                "its encoder, or with model_type='base' or 'masked-image-modeling'"
+            )
         raise CheckpointError(
             f"{source}: has no classifier head (keys have no `vit.` prefix); "
             "load it with model_type='base', or convert a classification checkpoint"
         )
-    if model_type == "base" and kind.classifier:
-        encoder = {
-            k[len(BASE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(BASE_PREFIX)
-        }
-        return encoder, ModelKind(classifier=False, pooler=kind.pooler)
+    if model_type == MASKED_IMAGE_MODELING and not kind.decoder and not init_decoder:
+        missing = sorted(set(MIM_HEAD_KEYS) - set(tensors))
+        raise CheckpointError(
+            f"{source}: has no masked-image-modeling decoder (it is a {kind.architecture}; "
+            f"missing: {', '.join(missing)}); load it with init_decoder=True to start one "
+            "(a zero mask token and a decoder drawn from seed=, the encoder kept, any "
+            "pooler or classifier dropped), or with model_type='base'"
+        )
+    if model_type == "base" and (kind.classifier or kind.decoder):
+        return encoder_of(tensors, kind)
     return tensors, kind
+
+
+def encoder_of(
+    tensors: dict[str, np.ndarray], kind: ModelKind
+) -> tuple[dict[str, np.ndarray], ModelKind]:
+    """The encoder's tensors alone, as a base model holds them: the `vit.` prefix
+    stripped, the classifiers, the masked-image-modeling decoder and the mask token
+    dropped, a pooler kept."""
+    prefix = kind.prefix
+    encoder = {
+        k[len(prefix) :]: v
+        for k, v in tensors.items()
+        if k.startswith(prefix) and not k.startswith(TOP_LEVEL) and k != prefix + MASK_TOKEN
+    }
+    return encoder, ModelKind(classifier=False, pooler=kind.pooler)
+
+
+def new_decoder(
+    tensors: dict[str, np.ndarray], config: ViTConfig, kind: ModelKind, seed: int, source: str
+) -> tuple[dict[str, np.ndarray], ModelKind]:
+    """Canonical tensors of a masked-image-modeling model made from any checkpoint's
+    encoder (checked first): a zero mask token (transformers' start) and a fresh decoder,
+    truncated normal(initializer_range) weights and a zero bias drawn from `seed`; a
+    pooler, classifiers and an old decoder are dropped. SimMIM pre-training from a ViT,
+    the example transformers documents, asked for by name here (`init_decoder=True`)."""
+    encoder, encoder_kind = encoder_of(tensors, kind)
+    check_layout_with_hint(encoder, config, encoder_kind, source)
+    kept = {BASE_PREFIX + k: v for k, v in encoder.items() if not k.startswith("pooler.")}
+    dtype = kept[BASE_PREFIX + "embeddings.position_embeddings"].dtype
+    shapes = expected_shapes(config, MIM_KIND)
+    mask_token, weight, bias = MIM_HEAD_KEYS
+    rng = np.random.default_rng(seed)
+    kept[mask_token] = np.zeros(shapes[mask_token], dtype)
+    drawn = truncated_normal(rng, shapes[weight], config.initializer_range)
+    kept[weight] = drawn.astype(dtype)
+    kept[bias] = np.zeros(shapes[bias], dtype)
+    return kept, MIM_KIND
 
 
 def resize_for_image_size(
@@ -88,7 +158,8 @@ def replace_head(
 
     Every other weight is kept. The new head is truncated normal(initializer_range) with
     a zero bias, drawn from `seed`. A base-model checkpoint (no head) gains one: its keys
-    take the `vit.` prefix, and an unused pooler is dropped.
+    take the `vit.` prefix, and an unused pooler is dropped; a masked-image-modeling one
+    (the SimMIM pre-training) loses its decoder and mask token first.
     """
     labels: dict[str, Any] = {"num_labels": num_labels, "id2label": None, "label2id": None}
     if id2label is not None:
@@ -99,6 +170,8 @@ def replace_head(
                 "give one of them, or make them agree"
             )
     new_config = dataclasses.replace(config, **labels)
+    if kind.decoder or kind.mask_token:  # fine-tuning after masked image modeling
+        tensors, kind = encoder_of(tensors, kind)
     kept = {k: v for k, v in tensors.items() if not k.startswith(HEADS)}
     if kind.classifier:
         new_kind = kind

@@ -1,8 +1,9 @@
 """ViT in Flax. The PyTorch twin (`vit_torch/modeling.py`) has the same blocks in the same order.
 
-Linen modules hold the architecture; `FlaxViTModel` and `FlaxViTForImageClassification`
-hold a module, its params (a pytree) and a jitted forward, and are called like
-transformers' Flax models: `model(pixel_values)` with NCHW input. Params mirror the
+Linen modules hold the architecture; `FlaxViTModel`, `FlaxViTForImageClassification` and
+`FlaxViTForMaskedImageModeling` hold a module, its params (a pytree) and a jitted
+forward, and are called like transformers' Flax models: `model(pixel_values)` with NCHW
+input (and NCHW `reconstruction` out). Params mirror the
 twin's internal names (`layers.3.attention.qkv.weight` -> `layers_3/attention/qkv/kernel`),
 transposed to Flax's (in, out) and HWIO conventions on load, never on disk.
 """
@@ -23,11 +24,16 @@ from flax import linen as nn
 from vit_core.config import TANH_GELU, ViTConfig
 from vit_core.initialization import TRUNCATED_NORMAL_STD, initial_weights
 from vit_core.intermediates import Indices, arrange, check_output_fmt, patch_grid, take_indices
-from vit_core.layout import ModelKind
-from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from vit_core.layout import MASKED_IMAGE_MODELING, MIM_KIND, ModelKind
+from vit_core.masking import check_bool_masked_pos, check_reconstruction_loss
+from vit_core.outputs import (
+    BaseModelOutputWithPooling,
+    ImageClassifierOutput,
+    MaskedImageModelingOutput,
+)
 from vit_core.resample import grid_resize_matrices, interpolation_mode
 
-for _record in (BaseModelOutputWithPooling, ImageClassifierOutput):
+for _record in (BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput):
     jax.tree_util.register_dataclass(
         _record, data_fields=[f for f in _record.__dataclass_fields__], meta_fields=[]
     )
@@ -73,11 +79,14 @@ def _layer_norm(config: ViTConfig, dtype: Any, name: str) -> nn.LayerNorm:
 
 
 class ViTEmbeddings(nn.Module):
-    """Patches -> tokens: stride-P convolution, the prefix tokens (class, distillation,
-    registers), position embeddings, dropout (docs/families.md gives the order)."""
+    """Patches -> tokens: stride-P convolution, the mask token in place of the masked
+    patches (`use_mask_token`, masked image modeling), the prefix tokens (class,
+    distillation, registers), position embeddings, dropout (docs/families.md gives the
+    order)."""
 
     config: ViTConfig
     dtype: Any = jnp.float32
+    use_mask_token: bool = False
 
     def positions_for(self, table: Array, grid: tuple[int, int], interpolation: str) -> Array:
         """Position embeddings for a `grid` of patches, resampled when it differs from training."""
@@ -94,7 +103,11 @@ class ViTEmbeddings(nn.Module):
 
     @nn.compact
     def __call__(
-        self, pixels_nhwc: Array, interpolate_pos_encoding: bool | str, deterministic: bool
+        self,
+        pixels_nhwc: Array,
+        bool_masked_pos: Array | None,
+        interpolate_pos_encoding: bool | str,
+        deterministic: bool,
     ) -> Array:
         config, dim = self.config, self.config.hidden_size
         init = _truncated_normal(config)
@@ -111,6 +124,16 @@ class ViTEmbeddings(nn.Module):
         )(pixels_nhwc)
         batch, grid = x.shape[0], (x.shape[1], x.shape[2])
         x = x.reshape(batch, -1, dim)
+        mask_token = (  # transformers starts it at zero
+            self.param("mask_token", nn.initializers.zeros, (1, 1, dim))
+            if self.use_mask_token
+            else None
+        )
+        if bool_masked_pos is not None:  # transformers' blend: exact for a 0/1 mask
+            check_bool_masked_pos(bool_masked_pos.shape, batch, grid, mask_token is not None)
+            assert mask_token is not None  # checked
+            mask = bool_masked_pos[..., None].astype(x.dtype)
+            x = x * (1.0 - mask) + mask_token.astype(x.dtype) * mask
         tokens = []
         if config.use_class_token:
             tokens.append(self.param("cls_token", init, (1, 1, dim)))
@@ -186,10 +209,28 @@ class ViTLayerScale(nn.Module):
         return x * gamma.astype(self.dtype)
 
 
+class ViTDropPath(nn.Module):
+    """Stochastic depth (Huang et al., 2016), as timm's `DropPath`: in training, each
+    sample's residual branch is zeroed with probability `rate` and kept ones are scaled by
+    1 / (1 - rate), so the expected output is unchanged; the identity when deterministic
+    and at rate 0. The masks come from the "dropout" rng stream, as dropout's do."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        # Dropout whose mask is broadcast over every axis but the batch drops whole samples.
+        per_sample = nn.Dropout(self.rate, broadcast_dims=tuple(range(1, x.ndim)))
+        return per_sample(x, deterministic=deterministic)
+
+
 class ViTLayer(nn.Module):
-    """Pre-norm block: x + ls1(attention(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+    """Pre-norm block: x + drop_path(ls1(attention(norm1(x)))), then
+    x + drop_path(ls2(mlp(norm2(x)))); `drop_path_rate` is this block's
+    (`ViTConfig.drop_path_rates`)."""
 
     config: ViTConfig
+    drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -201,18 +242,24 @@ class ViTLayer(nn.Module):
         )
         if scaled:
             attended = ViTLayerScale(config, dtype, name="ls1")(attended)
-        x = x + attended
+        x = x + ViTDropPath(self.drop_path_rate, name="drop_path1")(attended, deterministic)
         mlp_out = ViTMlp(config, config.use_swiglu_ffn, dtype, name="mlp")(
             _layer_norm(config, dtype, "norm2")(x), deterministic
         )
         if scaled:
             mlp_out = ViTLayerScale(config, dtype, name="ls2")(mlp_out)
+        mlp_out = ViTDropPath(self.drop_path_rate, name="drop_path2")(mlp_out, deterministic)
         return x + mlp_out, probs
 
 
 class ViTEncoder(nn.Module):
+    """`gradient_checkpointing`: each block wrapped in `nn.remat`, so that under `jax.grad`
+    it keeps only its input and runs again in the backward pass (the same params, and the
+    same dropout and drop-path masks: its rngs are inputs, not state)."""
+
     config: ViTConfig
     dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
 
     @nn.compact
     def __call__(
@@ -226,9 +273,13 @@ class ViTEncoder(nn.Module):
         """The blocks in order: the first `num_layers` of them when given (what
         `forward_intermediates(stop_early=True)` runs; the later blocks' params go unread),
         else all."""
+        # static_argnums counts the module as 0: `deterministic` picks Python branches.
+        layer = nn.remat(ViTLayer, static_argnums=(2,)) if self.gradient_checkpointing else ViTLayer
+        rates = self.config.drop_path_rates
         hidden_states, attentions = [x], []
         for i in range(self.config.num_hidden_layers if num_layers is None else num_layers):
-            x, probs = ViTLayer(self.config, self.dtype, name=f"layers_{i}")(x, deterministic)
+            block = layer(self.config, rates[i], self.dtype, name=f"layers_{i}")
+            x, probs = block(x, deterministic)
             hidden_states.append(x)
             attentions.append(probs)
         return (
@@ -296,6 +347,34 @@ class ViTPooler(nn.Module):
         )
 
 
+class ViTMIMDecoder(nn.Module):
+    """SimMIM's one-layer decoder: a 1x1 convolution from each patch token to
+    `encoder_stride**2 * num_channels` values, unfolded as PixelShuffle does into an
+    `encoder_stride` x `encoder_stride` block of pixels (transformers' `decoder`)."""
+
+    config: ViTConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, patches: Array, grid: tuple[int, int]) -> Array:
+        """(B, L, D) patch tokens of a `grid` of patches -> (B, C, rows * s, cols * s)."""
+        config, stride = self.config, self.config.encoder_stride
+        channels, (rows, cols) = config.num_channels, grid
+        x = patches.reshape(patches.shape[0], rows, cols, -1)
+        x = nn.Conv(
+            stride**2 * channels,
+            (1, 1),
+            dtype=self.dtype,
+            kernel_init=_truncated_normal(config),
+            name="projection",
+        )(x)
+        # PixelShuffle: output channel c, row r * s + i, column q * s + j reads input
+        # channel (c * s + i) * s + j at (r, q).
+        x = x.reshape(x.shape[0], rows, cols, channels, stride, stride)
+        x = jnp.transpose(x, (0, 3, 1, 4, 2, 5))
+        return x.reshape(x.shape[0], channels, rows * stride, cols * stride)
+
+
 def pool(x: Array, config: ViTConfig) -> Array:
     """The class token, or the mean of the patch tokens (`config.pooling_type` cls / mean)."""
     if config.pooling_type == "mean":
@@ -319,18 +398,25 @@ class ViTModule(nn.Module):
     """The encoder: `last_hidden_state` (every token) and `pooler_output` (the pooling
     layer's output where there is one, else the image embedding: docs/families.md).
 
+    `use_mask_token` (transformers' name) adds the mask token that `bool_masked_pos`
+    puts in place of the masked patches.
+
     Its submodules are made in `setup`, not inline: `__call__` and `intermediates` run
     the same ones (linen shares submodules between two methods only that way)."""
 
     config: ViTConfig
     add_pooling_layer: bool = True
     dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+    use_mask_token: bool = False
 
     def setup(self) -> None:
         config, dtype = self.config, self.dtype
-        self.embeddings = ViTEmbeddings(config, dtype, name="embeddings")
+        self.embeddings = ViTEmbeddings(
+            config, dtype, use_mask_token=self.use_mask_token, name="embeddings"
+        )
         self.norm_pre = _layer_norm_if(config.use_pre_norm, config, dtype, "norm_pre")
-        self.encoder = ViTEncoder(config, dtype, name="encoder")
+        self.encoder = ViTEncoder(config, dtype, self.gradient_checkpointing, name="encoder")
         self.layernorm = _layer_norm_if(config.has_token_norm, config, dtype, "layernorm")
         self.head = ViTMAPHead(config, dtype, name="head") if config.pooling_type == "map" else None
         self.fc_norm = _layer_norm_if(
@@ -341,6 +427,7 @@ class ViTModule(nn.Module):
     def __call__(
         self,
         pixels_nhwc: Array,
+        bool_masked_pos: Array | None = None,
         deterministic: bool = True,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
@@ -352,6 +439,7 @@ class ViTModule(nn.Module):
             deterministic,
             output_attentions,
             output_hidden_states,
+            bool_masked_pos=bool_masked_pos,
         )
         x = self._token_norm(x)
         embedding = pool(x, self.config) if self.head is None else self.head(x, deterministic)
@@ -388,10 +476,12 @@ class ViTModule(nn.Module):
         output_attentions: bool,
         output_hidden_states: bool,
         num_layers: int | None = None,
+        bool_masked_pos: Array | None = None,
     ) -> tuple[Array, tuple[Array, ...] | None, tuple[Array, ...] | None]:
-        """What `__call__` and `intermediates` share: embeddings, pre-norm and the
-        encoder's blocks (`num_layers` of them: `ViTEncoder`), before the final norm."""
-        x = self.embeddings(pixels_nhwc, interpolate_pos_encoding, deterministic)
+        """What `__call__` and `intermediates` share: embeddings (masked where
+        `bool_masked_pos` says), pre-norm and the encoder's blocks (`num_layers` of them:
+        `ViTEncoder`), before the final norm."""
+        x = self.embeddings(pixels_nhwc, bool_masked_pos, interpolate_pos_encoding, deterministic)
         if self.norm_pre is not None:
             x = self.norm_pre(x)
         return self.encoder(x, deterministic, output_attentions, output_hidden_states, num_layers)
@@ -407,6 +497,7 @@ class ViTForImageClassificationModule(nn.Module):
 
     config: ViTConfig
     dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
 
     @nn.compact
     def __call__(
@@ -419,12 +510,18 @@ class ViTForImageClassificationModule(nn.Module):
         interpolate_pos_encoding: bool | str = False,
     ) -> ImageClassifierOutput:
         config = self.config
-        base = ViTModule(config, config.classifier_uses_pooler, self.dtype, name="vit")(
+        base = ViTModule(
+            config,
+            config.classifier_uses_pooler,
+            self.dtype,
+            self.gradient_checkpointing,
+            name="vit",
+        )(
             pixels_nhwc,
-            deterministic,
-            output_attentions,
-            output_hidden_states,
-            interpolate_pos_encoding,
+            deterministic=deterministic,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
         )
         cls_logits = distillation_logits = None
         features = base.pooler_output
@@ -467,6 +564,72 @@ def classification_loss(logits: Array, labels: Array, config: ViTConfig) -> Arra
     return optax.sigmoid_binary_cross_entropy(logits32, labels.astype(jnp.float32)).mean()
 
 
+class ViTForMaskedImageModelingModule(nn.Module):
+    """SimMIM (Xie et al., 2022) as transformers has it: the encoder with a mask token and
+    no pooler, and a one-layer decoder from every patch token back to its pixels; with
+    `bool_masked_pos`, the L1 reconstruction loss over the masked patches."""
+
+    config: ViTConfig
+    dtype: Any = jnp.float32
+    gradient_checkpointing: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        pixels_nhwc: Array,
+        bool_masked_pos: Array | None = None,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool | str = False,
+    ) -> MaskedImageModelingOutput:
+        config = self.config
+        if bool_masked_pos is not None:
+            check_reconstruction_loss(config)
+        base = ViTModule(
+            config,
+            add_pooling_layer=False,
+            dtype=self.dtype,
+            gradient_checkpointing=self.gradient_checkpointing,
+            use_mask_token=True,
+            name="vit",
+        )(
+            pixels_nhwc,
+            bool_masked_pos,
+            deterministic=deterministic,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        pixel_values = jnp.transpose(pixels_nhwc, (0, 3, 1, 2))  # XLA folds it into the loss
+        patches = base.last_hidden_state[:, config.num_prefix_tokens :]
+        reconstruction = ViTMIMDecoder(config, self.dtype, name="decoder")(
+            patches, patch_grid(config.patch_hw, pixel_values.shape)
+        )
+        loss = None
+        if bool_masked_pos is not None:
+            loss = masked_image_modeling_loss(pixel_values, reconstruction, bool_masked_pos, config)
+        return MaskedImageModelingOutput(loss, reconstruction, base.hidden_states, base.attentions)
+
+
+def masked_image_modeling_loss(
+    pixel_values: Array, reconstruction: Array, bool_masked_pos: Array, config: ViTConfig
+) -> Array:
+    """SimMIM's loss as transformers computes it: the L1 error summed over the masked
+    patches' pixels, divided by their count (+ 1e-5, so that an empty mask gives 0, not
+    nan) and by the channels, i.e. the mean absolute error per masked pixel value."""
+    ph, pw = config.patch_hw
+    grid = patch_grid(config.patch_hw, pixel_values.shape)
+    mask = jnp.repeat(jnp.repeat(bool_masked_pos.reshape(-1, *grid), ph, axis=1), pw, axis=2)
+    mask = mask[:, None].astype(jnp.float32)  # (B, 1, H, W): one entry per pixel, every channel
+    error = jnp.abs(pixel_values.astype(jnp.float32) - reconstruction.astype(jnp.float32))
+    return (error * mask).sum() / (mask.sum() + 1e-5) / config.num_channels
+
+
+# The linen module a wrapper (below) holds.
+ModelModule = ViTModule | ViTForImageClassificationModule | ViTForMaskedImageModelingModule
+
+
 def _nhwc(pixel_values: Array, dtype: Any) -> Array:
     """NCHW -> NHWC inside the jit, where XLA fuses it into the patch convolution."""
     return jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(dtype)
@@ -475,15 +638,25 @@ def _nhwc(pixel_values: Array, dtype: Any) -> Array:
 class FlaxViTPreTrainedModel:
     """A module with its params and a jitted forward; called like transformers' Flax models."""
 
-    module: nn.Module
+    module: ModelModule
     kind: ModelKind
 
     def __init__(
-        self, config: ViTConfig, module: nn.Module, seed: int = 0, _do_init: bool = True
+        self,
+        config: ViTConfig,
+        module: ModelModule,
+        seed: int = 0,
+        _do_init: bool = True,
     ) -> None:
         self.config = config
-        self.module = module
         self.params: Any = self.init_weights(seed) if _do_init else None
+        self._set_module(module)
+
+    def _set_module(self, module: ModelModule) -> None:
+        """Hold `module` and jit its forward and its encoder's `intermediates` (linen modules
+        are frozen: another setting, such as gradient checkpointing, is another module)."""
+        config = self.config
+        self.module = module
 
         def forward(variables: Any, pixel_values: Array, rngs: Any, **kwargs: Any) -> Any:
             return module.apply(variables, _nhwc(pixel_values, module.dtype), rngs=rngs, **kwargs)
@@ -501,7 +674,9 @@ class FlaxViTPreTrainedModel:
         encoder = (
             module
             if isinstance(module, ViTModule)
-            else ViTModule(config, config.classifier_uses_pooler, module.dtype)
+            else ViTModule(
+                config, config.classifier_uses_pooler, module.dtype, module.gradient_checkpointing
+            )
         )
 
         def intermediates(
@@ -540,6 +715,26 @@ class FlaxViTPreTrainedModel:
             ),
         )
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations
+        (transformers' name, as in the torch twin): every block runs under `nn.remat`, so a
+        `jax.grad` of a training step holds one block's activations and each block's input
+        rather than every block's, for about one more forward pass of compute. The params
+        and the gradients are the same; the forward compiles again."""
+        self._set_module(self.module.clone(gradient_checkpointing=True))
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Keep every block's activations for the backward pass again (the default)."""
+        self._set_module(self.module.clone(gradient_checkpointing=False))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's name for `gradient_checkpointing_enable` / `gradient_checkpointing_disable`."""
+        self._set_module(self.module.clone(gradient_checkpointing=enable))
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.module.gradient_checkpointing
+
     def init_weights(self, seed: int) -> Any:
         """Fresh params: truncated normal(initializer_range) weights, zero biases, unit norms.
 
@@ -561,7 +756,9 @@ class FlaxViTPreTrainedModel:
     ) -> Any:
         self.config.check_pixel_shape(tuple(np.shape(pixel_values)), interpolate_pos_encoding)
         if train and dropout_rng is None and self._has_dropout:
-            raise ValueError("train=True with dropout in the config needs a dropout_rng")
+            raise ValueError(
+                "train=True with dropout or drop_path_rate in the config needs a dropout_rng"
+            )
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
         return self._apply(
             {"params": self.params if params is None else params},
@@ -602,20 +799,30 @@ class FlaxViTPreTrainedModel:
 
     @property
     def _has_dropout(self) -> bool:
-        return self.config.hidden_dropout_prob > 0 or self.config.attention_probs_dropout_prob > 0
+        """Whether training draws masks (dropout or drop path) from the "dropout" rng."""
+        config = self.config
+        rates = (
+            config.hidden_dropout_prob,
+            config.attention_probs_dropout_prob,
+            config.drop_path_rate,
+        )
+        return any(rate > 0 for rate in rates)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, **kwargs: Any) -> Any:
-        """Load a canonical folder into this class (strict: every key must match)."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> Any:
+        """Load a canonical folder, or a Hugging Face repo id from the local cache (offline;
+        `revision=` a branch, tag or commit), into this class (strict: every key must
+        match); the keyword arguments are `vit_core.load`'s."""
         from vit_core.loading import load
 
-        classification = issubclass(cls, FlaxViTForImageClassification)
-        model_type = "classification" if classification else "base"
-        model_class = (
-            cls if issubclass(cls, FlaxViTModel | FlaxViTForImageClassification) else FlaxViTModel
-        )
+        # the twin class `cls` is (or subclasses); FlaxViTPreTrainedModel itself: the base model
+        twin = next((t for t in _LOADED_AS if issubclass(cls, t)), FlaxViTModel)
         return load(
-            folder, backend="flax", model_type=model_type, model_class=model_class, **kwargs
+            pretrained_model_name_or_path,
+            backend="flax",
+            model_type=_LOADED_AS[twin],
+            model_class=cls if issubclass(cls, twin) else twin,
+            **kwargs,
         )
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -631,16 +838,19 @@ class FlaxViTModel(FlaxViTPreTrainedModel):
         self,
         config: ViTConfig,
         add_pooling_layer: bool = True,
+        use_mask_token: bool = False,
         seed: int = 0,
         dtype: Any = jnp.float32,
         _do_init: bool = True,
     ) -> None:
-        self.kind = ModelKind(classifier=False, pooler=add_pooling_layer)
-        super().__init__(config, ViTModule(config, add_pooling_layer, dtype), seed, _do_init)
+        self.kind = ModelKind(classifier=False, pooler=add_pooling_layer, mask_token=use_mask_token)
+        module = ViTModule(config, add_pooling_layer, dtype=dtype, use_mask_token=use_mask_token)
+        super().__init__(config, module, seed, _do_init)
 
     def __call__(
         self,
         pixel_values: Any,
+        bool_masked_pos: Any = None,
         params: Any = None,
         dropout_rng: Array | None = None,
         train: bool = False,
@@ -649,12 +859,15 @@ class FlaxViTModel(FlaxViTPreTrainedModel):
         interpolate_pos_encoding: bool | str = False,
         return_dict: bool = True,
     ) -> BaseModelOutputWithPooling | tuple[Any, ...]:
+        """`bool_masked_pos` (B, patches), true where a patch is masked: those patches'
+        embeddings become the mask token (a model built with `use_mask_token`)."""
         out = self._run(
             pixel_values,
             params,
             dropout_rng,
             train,
             interpolate_pos_encoding,
+            bool_masked_pos=None if bool_masked_pos is None else jnp.asarray(bool_masked_pos),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
@@ -744,3 +957,46 @@ class FlaxViTForImageClassification(FlaxViTPreTrainedModel):
             intermediates_only,
             interpolate_pos_encoding,
         )
+
+
+class FlaxViTForMaskedImageModeling(FlaxViTPreTrainedModel):
+    def __init__(
+        self, config: ViTConfig, seed: int = 0, dtype: Any = jnp.float32, _do_init: bool = True
+    ) -> None:
+        self.kind = MIM_KIND
+        super().__init__(config, ViTForMaskedImageModelingModule(config, dtype), seed, _do_init)
+
+    def __call__(
+        self,
+        pixel_values: Any,
+        bool_masked_pos: Any = None,
+        params: Any = None,
+        dropout_rng: Array | None = None,
+        train: bool = False,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool | str = False,
+        return_dict: bool = True,
+    ) -> MaskedImageModelingOutput | tuple[Any, ...]:
+        """`bool_masked_pos` (B, patches), true where a patch is masked: `loss` is then
+        the L1 error of `reconstruction` over those patches (the twin's
+        `ViTForMaskedImageModeling`, which no Flax library has)."""
+        out = self._run(
+            pixel_values,
+            params,
+            dropout_rng,
+            train,
+            interpolate_pos_encoding,
+            bool_masked_pos=None if bool_masked_pos is None else jnp.asarray(bool_masked_pos),
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+# The `vit_core.load` model type of each wrapper class, for `from_pretrained`.
+_LOADED_AS: dict[type[FlaxViTPreTrainedModel], str] = {
+    FlaxViTForImageClassification: "classification",
+    FlaxViTForMaskedImageModeling: MASKED_IMAGE_MODELING,
+    FlaxViTModel: "base",
+}

@@ -10,19 +10,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import traverse_util
 
 from vit_core.flax_layout import to_flax, to_torch
 
 
-def params_from_internal(internal: Mapping[str, np.ndarray], dtype: Any = None) -> dict[str, Any]:
-    """Nested Flax params from internal-name arrays, transposed to Flax conventions."""
+def params_from_internal(
+    internal: Mapping[str, np.ndarray], dtype: Any = None, device: jax.Device | None = None
+) -> dict[str, Any]:
+    """Nested Flax params from internal-name arrays, transposed to Flax conventions, cast
+    to `dtype` on the host (half the bytes travel) and put on `device` (None: jax's
+    default device, uncommitted)."""
     flat = {}
     for name, value in internal.items():
         path, array = to_flax(name, np.asarray(value))
-        flat[path] = jnp.asarray(array, dtype=dtype)
+        if dtype is not None:
+            array = array.astype(dtype, copy=False)
+        flat[path] = jax.device_put(array, device)
     return traverse_util.unflatten_dict(flat)
 
 

@@ -14,12 +14,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vit_core.config import TANH_GELU, ViTConfig
 from vit_core.initialization import initial_weights
 from vit_core.intermediates import Indices, arrange, check_output_fmt, patch_grid, take_indices
-from vit_core.layout import ModelKind
-from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from vit_core.layout import MASKED_IMAGE_MODELING, MIM_KIND, ModelKind
+from vit_core.masking import check_bool_masked_pos, check_reconstruction_loss
+from vit_core.outputs import (
+    BaseModelOutputWithPooling,
+    ImageClassifierOutput,
+    MaskedImageModelingOutput,
+)
 from vit_core.resample import grid_resize_matrices, interpolation_mode
 
 
@@ -40,13 +46,16 @@ class _QuickGELU(nn.Module):
 
 
 class ViTEmbeddings(nn.Module):
-    """Patches -> tokens: stride-P convolution, the prefix tokens (class, distillation,
-    registers), position embeddings, dropout (docs/families.md gives the order)."""
+    """Patches -> tokens: stride-P convolution, the mask token in place of the masked
+    patches (`use_mask_token`, masked image modeling), the prefix tokens (class,
+    distillation, registers), position embeddings, dropout (docs/families.md gives the
+    order)."""
 
-    def __init__(self, config: ViTConfig) -> None:
+    def __init__(self, config: ViTConfig, use_mask_token: bool = False) -> None:
         super().__init__()
         self.config = config
         dim = config.hidden_size
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)) if use_mask_token else None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.use_class_token else None
         self.distillation_token = (
             nn.Parameter(torch.zeros(1, 1, dim)) if config.use_distillation_token else None
@@ -66,8 +75,8 @@ class ViTEmbeddings(nn.Module):
             return self.position_embeddings
         prefix = self.config.num_position_prefix
         table = self.position_embeddings
-        rows, cols = (
-            torch.tensor(m, dtype=table.dtype)
+        rows, cols = (  # host constants: on the table's device, in its dtype
+            torch.tensor(m, dtype=table.dtype, device=table.device)
             for m in grid_resize_matrices(self.config.grid_hw, grid, interpolation)
         )
         patches = table[0, prefix:].reshape(*self.config.grid_hw, -1)
@@ -77,11 +86,21 @@ class ViTEmbeddings(nn.Module):
         return torch.cat([table[:, :prefix], resized], dim=1)
 
     def forward(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | str
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None,
+        interpolate_pos_encoding: bool | str,
     ) -> torch.Tensor:
         x = self.patch_embeddings(pixel_values)
         grid = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)
+        if bool_masked_pos is not None:  # transformers' blend: exact for a 0/1 mask
+            check_bool_masked_pos(
+                bool_masked_pos.shape, x.shape[0], grid, self.mask_token is not None
+            )
+            assert self.mask_token is not None  # checked
+            mask = bool_masked_pos.unsqueeze(-1).to(x)  # x's dtype and device, as type_as
+            x = x * (1.0 - mask) + self.mask_token * mask
         if interpolate_pos_encoding:
             positions = self.positions_for(grid, interpolation_mode(interpolate_pos_encoding))
         else:
@@ -164,31 +183,57 @@ class ViTLayerScale(nn.Module):
         return x * self.gamma
 
 
-class ViTLayer(nn.Module):
-    """Pre-norm block: x + ls1(attention(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+class ViTDropPath(nn.Module):
+    """Stochastic depth (Huang et al., 2016), as timm's `DropPath`: in training, each
+    sample's residual branch is zeroed with probability `rate` and kept ones are scaled by
+    1 / (1 - rate), so the expected output is unchanged; the identity in eval and at rate 0."""
 
-    def __init__(self, config: ViTConfig) -> None:
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)  # ViTConfig keeps the rate below 1
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class ViTLayer(nn.Module):
+    """Pre-norm block: x + drop_path(ls1(attention(norm1(x)))), then
+    x + drop_path(ls2(mlp(norm2(x)))); `drop_path_rate` is this block's
+    (`ViTConfig.drop_path_rates`)."""
+
+    def __init__(self, config: ViTConfig, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         scaled = config.layerscale_value is not None
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = ViTAttention(config)
         self.ls1 = ViTLayerScale(config) if scaled else nn.Identity()
+        self.drop_path1 = ViTDropPath(drop_path_rate)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = ViTMlp(config, config.use_swiglu_ffn)
         self.ls2 = ViTLayerScale(config) if scaled else nn.Identity()
+        self.drop_path2 = ViTDropPath(drop_path_rate)
 
     def forward(
         self, x: torch.Tensor, output_attentions: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, probs = self.attention(self.norm1(x), output_attentions)
-        x = x + self.ls1(attended)
-        return x + self.ls2(self.mlp(self.norm2(x))), probs
+        x = x + self.drop_path1(self.ls1(attended))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), probs
 
 
 class ViTEncoder(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(ViTLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(ViTLayer(config, rate) for rate in config.drop_path_rates)
+        # Set by the models' `gradient_checkpointing_enable` (transformers' attribute).
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -198,11 +243,20 @@ class ViTEncoder(nn.Module):
         num_layers: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
         """The blocks in order: the first `num_layers` of them when given (what
-        `forward_intermediates(stop_early=True)` runs), else all."""
+        `forward_intermediates(stop_early=True)` runs), else all.
+
+        With gradient checkpointing on, in training with gradients enabled (as transformers
+        checks), each block keeps only its input and runs again in the backward pass;
+        non-reentrant, the recomputation restores the RNG state, so it draws the same
+        dropout and drop-path masks as the forward pass did."""
         hidden_states, attentions = [x], []
         layers = self.layers if num_layers is None else self.layers[:num_layers]
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in layers:
-            x, probs = layer(x, output_attentions)
+            if recompute:
+                x, probs = checkpoint(layer, x, output_attentions, use_reentrant=False)
+            else:
+                x, probs = layer(x, output_attentions)
             hidden_states.append(x)
             attentions.append(probs)
         return (
@@ -268,6 +322,26 @@ class ViTPooler(nn.Module):
         return self.act(self.dense(pooled))
 
 
+class ViTMIMDecoder(nn.Module):
+    """SimMIM's one-layer decoder: a 1x1 convolution from each patch token to
+    `encoder_stride**2 * num_channels` values, unfolded by PixelShuffle into an
+    `encoder_stride` x `encoder_stride` block of pixels (transformers' `decoder`)."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        stride = config.encoder_stride
+        self.projection = nn.Conv2d(
+            config.hidden_size, stride**2 * config.num_channels, kernel_size=1
+        )
+        self.pixel_shuffle = nn.PixelShuffle(stride)
+
+    def forward(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, L, D) patch tokens of a `grid` of patches -> (B, C, rows * s, cols * s)."""
+        batch, _, dim = patches.shape
+        x = patches.transpose(1, 2).reshape(batch, dim, *grid)
+        return self.pixel_shuffle(self.projection(x))
+
+
 def pool(x: torch.Tensor, config: ViTConfig) -> torch.Tensor:
     """The class token, or the mean of the patch tokens (`config.pooling_type` cls / mean)."""
     if config.pooling_type == "mean":
@@ -313,16 +387,44 @@ class ViTPreTrainedModel(nn.Module):
     def kind(self) -> ModelKind:
         raise NotImplementedError
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations
+        (transformers' name): a training step then holds one block's activations and each
+        block's input rather than every block's, for about one more forward pass of
+        compute. Acts in training mode with gradients enabled; the gradients are the same."""
+        self._encoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Keep every block's activations for the backward pass again (the default)."""
+        self._encoder.gradient_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's name for `gradient_checkpointing_enable` / `gradient_checkpointing_disable`."""
+        self._encoder.gradient_checkpointing = enable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._encoder.gradient_checkpointing
+
+    @property
+    def _encoder(self) -> ViTEncoder:
+        return next(m for m in self.modules() if isinstance(m, ViTEncoder))
+
     @classmethod
-    def from_pretrained(cls, folder: str | Path, **kwargs: Any) -> Any:
-        """Load a canonical folder into this class (strict: every key must match)."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> Any:
+        """Load a canonical folder, or a Hugging Face repo id from the local cache (offline;
+        `revision=` a branch, tag or commit), into this class (strict: every key must
+        match); the keyword arguments are `vit_core.load`'s."""
         from vit_core.loading import load
 
-        classification = issubclass(cls, ViTForImageClassification)
-        model_type = "classification" if classification else "base"
-        model_class = cls if issubclass(cls, ViTModel | ViTForImageClassification) else ViTModel
+        # the twin class `cls` is (or subclasses); ViTPreTrainedModel itself: the base model
+        twin = next((t for t in _LOADED_AS if issubclass(cls, t)), ViTModel)
         return load(
-            folder, backend="torch", model_type=model_type, model_class=model_class, **kwargs
+            pretrained_model_name_or_path,
+            backend="torch",
+            model_type=_LOADED_AS[twin],
+            model_class=cls if issubclass(cls, twin) else twin,
+            **kwargs,
         )
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -335,13 +437,19 @@ class ViTPreTrainedModel(nn.Module):
 
 class ViTModel(ViTPreTrainedModel):
     """The encoder: `last_hidden_state` (every token) and `pooler_output` (the pooling
-    layer's output where there is one, else the image embedding: docs/families.md)."""
+    layer's output where there is one, else the image embedding: docs/families.md).
+    `use_mask_token` (transformers' name) adds the mask token that `bool_masked_pos`
+    puts in place of the masked patches."""
 
     def __init__(
-        self, config: ViTConfig, add_pooling_layer: bool = True, seed: int | None = None
+        self,
+        config: ViTConfig,
+        add_pooling_layer: bool = True,
+        use_mask_token: bool = False,
+        seed: int | None = None,
     ) -> None:
         super().__init__(config)
-        self.embeddings = ViTEmbeddings(config)
+        self.embeddings = ViTEmbeddings(config, use_mask_token)
         self.norm_pre = _layer_norm_if(config.use_pre_norm, config)
         self.encoder = ViTEncoder(config)
         self.layernorm = _layer_norm_if(config.has_token_norm, config)
@@ -352,18 +460,29 @@ class ViTModel(ViTPreTrainedModel):
 
     @property
     def kind(self) -> ModelKind:
-        return ModelKind(classifier=False, pooler=self.pooler is not None)
+        return ModelKind(
+            classifier=False,
+            pooler=self.pooler is not None,
+            mask_token=self.embeddings.mask_token is not None,
+        )
 
     def forward(
         self,
         pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool | str = False,
         return_dict: bool = True,
     ) -> BaseModelOutputWithPooling | tuple[Any, ...]:
+        """`bool_masked_pos` (B, patches), true where a patch is masked: those patches'
+        embeddings become the mask token (a model built with `use_mask_token`)."""
         x, hidden_states, attentions = self._encode(
-            pixel_values, interpolate_pos_encoding, output_attentions, output_hidden_states
+            pixel_values,
+            interpolate_pos_encoding,
+            output_attentions,
+            output_hidden_states,
+            bool_masked_pos=bool_masked_pos,
         )
         x = self._token_norm(x)
         embedding = self.head(x) if self.head is not None else pool(x, self.config)
@@ -427,13 +546,14 @@ class ViTModel(ViTPreTrainedModel):
         output_attentions: bool,
         output_hidden_states: bool,
         num_layers: int | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-        """What `forward` and `forward_intermediates` share: the input check, embeddings,
-        pre-norm and the encoder's blocks (`num_layers` of them: `ViTEncoder`), before the
-        final norm."""
+        """What `forward` and `forward_intermediates` share: the input check, embeddings
+        (masked where `bool_masked_pos` says), pre-norm and the encoder's blocks
+        (`num_layers` of them: `ViTEncoder`), before the final norm."""
         self.config.check_pixel_shape(tuple(pixel_values.shape), interpolate_pos_encoding)
         pixel_values = pixel_values.to(self.embeddings.position_embeddings.dtype)
-        x = self.embeddings(pixel_values, interpolate_pos_encoding)
+        x = self.embeddings(pixel_values, bool_masked_pos, interpolate_pos_encoding)
         if self.norm_pre is not None:
             x = self.norm_pre(x)
         return self.encoder(x, output_attentions, output_hidden_states, num_layers)
@@ -544,3 +664,78 @@ def classification_loss(
     if problem == "single_label_classification":
         return F.cross_entropy(logits32.view(-1, config.num_labels), labels.view(-1))
     return F.binary_cross_entropy_with_logits(logits32, labels.float())
+
+
+class ViTForMaskedImageModeling(ViTPreTrainedModel):
+    """SimMIM (Xie et al., 2022) as transformers has it: the encoder with a mask token and
+    no pooler, and a one-layer decoder from every patch token back to its pixels; with
+    `bool_masked_pos`, the L1 reconstruction loss over the masked patches."""
+
+    def __init__(self, config: ViTConfig, seed: int | None = None) -> None:
+        super().__init__(config)
+        # Built without drawing: init_weights below draws the encoder's weights with the decoder's.
+        with torch.device("meta"):
+            vit = ViTModel(config, add_pooling_layer=False, use_mask_token=True)
+        self.vit = vit.to_empty(device=torch.get_default_device())
+        self.decoder = ViTMIMDecoder(config)
+        self.init_weights(seed)
+
+    @property
+    def kind(self) -> ModelKind:
+        return MIM_KIND
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool | str = False,
+        return_dict: bool = True,
+    ) -> MaskedImageModelingOutput | tuple[Any, ...]:
+        """`bool_masked_pos` (B, patches), true where a patch is masked. `reconstruction`
+        covers every patch. Unlike transformers', the decoder reads the input's own patch
+        grid, so non-square inputs and the loss at another size work too."""
+        if bool_masked_pos is not None:
+            check_reconstruction_loss(self.config)
+        base = self.vit(
+            pixel_values,
+            bool_masked_pos,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        patches = base.last_hidden_state[:, self.config.num_prefix_tokens :]
+        reconstruction = self.decoder(patches, patch_grid(self.config.patch_hw, pixel_values.shape))
+        loss = None
+        if bool_masked_pos is not None:
+            loss = masked_image_modeling_loss(
+                pixel_values, reconstruction, bool_masked_pos, self.config
+            )
+        out = MaskedImageModelingOutput(loss, reconstruction, base.hidden_states, base.attentions)
+        return out if return_dict else out.to_tuple()
+
+
+def masked_image_modeling_loss(
+    pixel_values: torch.Tensor,
+    reconstruction: torch.Tensor,
+    bool_masked_pos: torch.Tensor,
+    config: ViTConfig,
+) -> torch.Tensor:
+    """SimMIM's loss as transformers computes it: the L1 error summed over the masked
+    patches' pixels, divided by their count (+ 1e-5, so that an empty mask gives 0, not
+    nan) and by the channels, i.e. the mean absolute error per masked pixel value."""
+    ph, pw = config.patch_hw
+    grid = patch_grid(config.patch_hw, pixel_values.shape)
+    error = (pixel_values.float() - reconstruction.float()).abs()
+    mask = bool_masked_pos.reshape(-1, *grid).repeat_interleave(ph, 1).repeat_interleave(pw, 2)
+    mask = mask.unsqueeze(1).to(error)  # (B, 1, H, W): one entry per pixel, every channel
+    return (error * mask).sum() / (mask.sum() + 1e-5) / config.num_channels
+
+
+# The `vit_core.load` model type of each model class, for `from_pretrained`.
+_LOADED_AS: dict[type[ViTPreTrainedModel], str] = {
+    ViTForImageClassification: "classification",
+    ViTForMaskedImageModeling: MASKED_IMAGE_MODELING,
+    ViTModel: "base",
+}

@@ -57,6 +57,18 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         {"class_token": False, "global_pool": "avg", "num_classes": 0},
     ),
     "layer-scale": ("vit_small_patch16_224", {"init_values": 0.3, "num_classes": 0}),
+    # the converter's families: class + distillation tokens (DeiT), pre-norm with QuickGELU
+    # (OpenAI CLIP), no class token with a MAP head (SigLIP), registers + layer scale +
+    # SwiGLU (DINOv2 giant)
+    "deit-distilled": ("deit_tiny_distilled_patch16_224", {"num_classes": 5}),
+    "clip": ("vit_base_patch16_clip_quickgelu_224", {"num_classes": 0}),
+    "siglip": ("vit_base_patch16_siglip_224", {"num_classes": 0}),
+    "dinov2-swiglu": ("vit_giant_patch14_reg4_dinov2", {"num_classes": 0, "mlp_ratio": 4}),
+}
+# What a state dict does not hold, given to the converter as its --set does (timm's
+# defaults otherwise: LayerNorm eps 1e-6, exact GELU)
+NUMERICS: dict[str, dict[str, Any]] = {
+    "clip": {"layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"},
 }
 
 # name -> (input size, None for the model's; forward_intermediates' options)
@@ -91,6 +103,10 @@ RUNS = {
     "registers": ["listed-stop-early-normed-prefix", "smaller-nlc-prefix"],
     "no-class-token": ["last-2-normed-nlc-prefix", "larger-nonsquare-only"],
     "layer-scale": ["defaults", "larger-nonsquare-only"],
+    "deit-distilled": ["listed-stop-early-normed-prefix"],
+    "clip": ["last-2-normed-nlc-prefix"],
+    "siglip": ["defaults"],
+    "dinov2-swiglu": ["smaller-nlc-prefix"],
 }
 
 
@@ -100,7 +116,8 @@ def converted(oracle: Any, tmp_path: Path, family: str) -> tuple[Any, Path]:
     model = family_model(oracle, name, seed=len(family), **{**TINY, **overrides})
     source = save(model, tmp_path / f"{family}.safetensors")
     out = tmp_path / "out"
-    convert(source, out, overrides={"num_attention_heads": HEADS}, progress=False)
+    overrides = {"num_attention_heads": HEADS, **NUMERICS.get(family, {})}
+    convert(source, out, overrides=overrides, progress=False)
     return model, out
 
 

@@ -39,6 +39,10 @@ SPLIT: dict[str, tuple[str | None, str]] = {
         "ViTForImageClassificationModule",
         "FlaxViTForImageClassification",
     ),
+    "ViTForMaskedImageModeling": (
+        "ViTForMaskedImageModelingModule",
+        "FlaxViTForMaskedImageModeling",
+    ),
 }
 WRAPPERS = {wrapper for _, wrapper in SPLIT.values()}
 
@@ -57,6 +61,11 @@ FLAX_ONLY = {
     "dropout_rng": "torch draws dropout masks from its global generator",
     "train": "torch's `.train()` / `.eval()`",
     "_do_init": "transformers' Flax convention: a wrapper built without params",
+    "gradient_checkpointing": (
+        "linen modules are frozen, so the Flax wrapper's `gradient_checkpointing_enable` "
+        "rebuilds its module with this field (transformers' Flax models do the same); the "
+        "torch twin's sets the attribute `ViTEncoder.gradient_checkpointing` in place"
+    ),
 }
 
 # Parameters of a torch model that its linen module may lack, because the wrapper holds them.

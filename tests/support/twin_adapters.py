@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import jax
@@ -21,13 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
+from flax import linen as nn
 from flax import traverse_util
 
 import vit_flax
 import vit_torch
 from vit_core import ViTConfig
 from vit_core.outputs import ModelOutput
+from vit_flax.modeling import ViTDropPath as FlaxViTDropPath
 from vit_flax.modeling import ViTEmbeddings as FlaxViTEmbeddings
+from vit_flax.modeling import ViTLayer as FlaxViTLayer
 
 
 def to_numpy(value: Any) -> Any:
@@ -50,6 +54,24 @@ def run_transformers(model: Any, pixels: np.ndarray, labels: Any = None, **flags
         flags["labels"] = torch.from_numpy(labels)
     with torch.no_grad():
         return model(torch.from_numpy(pixels), **flags)
+
+
+@dataclass(frozen=True)
+class BlockTrace:
+    """One block's training-mode forward: its input and output tokens (B, T, D), and for
+    each residual branch (attention, then MLP) its drop path's rate, input and output."""
+
+    input: np.ndarray
+    output: np.ndarray
+    branches: tuple[tuple[float, np.ndarray, np.ndarray], ...]
+
+
+def block_traces(
+    layers: list[tuple[np.ndarray, np.ndarray]], drops: list[tuple[float, np.ndarray, np.ndarray]]
+) -> list[BlockTrace]:
+    """What a forward recorded, in call order (two drop paths per block), as one trace each."""
+    assert len(drops) == 2 * len(layers), (len(layers), len(drops))
+    return [BlockTrace(x, y, tuple(drops[2 * i : 2 * i + 2])) for i, (x, y) in enumerate(layers)]
 
 
 def heads(classification: type, encoder: type) -> dict[str, type]:
@@ -100,6 +122,10 @@ class Twin(Protocol):
         """`step(pixels, labels, draw) -> loss`: one AdamW step in training mode, in place."""
         ...
 
+    def drop_path_traces(self, model: Any, pixels: np.ndarray, draw: int = 0) -> list[BlockTrace]:
+        """Every block of a forward in training mode, in order (`BlockTrace`)."""
+        ...
+
     def weights(self, model: Any) -> dict[str, np.ndarray]: ...
 
     def encoder_weights(self, model: Any) -> dict[str, np.ndarray]:
@@ -144,7 +170,7 @@ class TorchTwin:
         block = model.vit.embeddings.train(train)
         torch.manual_seed(draw)
         with torch.no_grad():
-            return block(torch.from_numpy(pixels), False).numpy()
+            return block(torch.from_numpy(pixels), None, False).numpy()
 
     def gradients(
         self, model: Any, pixels: np.ndarray, labels: np.ndarray, train: bool, draw: int = 0
@@ -171,6 +197,30 @@ class TorchTwin:
             return loss.item()
 
         return step
+
+    def drop_path_traces(self, model: Any, pixels: np.ndarray, draw: int = 0) -> list[BlockTrace]:
+        layers: list[tuple[np.ndarray, np.ndarray]] = []
+        drops: list[tuple[float, np.ndarray, np.ndarray]] = []
+
+        def on_layer(module: Any, args: tuple[Any, ...], out: Any) -> None:
+            layers.append((args[0].numpy(), out[0].numpy()))
+
+        def on_drop(module: Any, args: tuple[Any, ...], out: Any) -> None:
+            drops.append((module.rate, args[0].numpy(), out.numpy()))
+
+        hooks = [
+            m.register_forward_hook(
+                on_layer if isinstance(m, vit_torch.modeling.ViTLayer) else on_drop
+            )
+            for m in model.modules()
+            if isinstance(m, vit_torch.modeling.ViTLayer | vit_torch.modeling.ViTDropPath)
+        ]
+        try:
+            self.run(model, pixels, train=True, draw=draw)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return block_traces(layers, drops)
 
     def weights(self, model: Any) -> dict[str, np.ndarray]:
         return {name: t.detach().numpy() for name, t in model.state_dict().items()}
@@ -216,7 +266,7 @@ class FlaxTwin:
         nhwc = jnp.asarray(pixels.transpose(0, 2, 3, 1))
         rngs = {"dropout": jax.random.PRNGKey(draw)} if train else {}
         block = FlaxViTEmbeddings(model.config)
-        return np.asarray(block.apply(variables, nhwc, False, not train, rngs=rngs))
+        return np.asarray(block.apply(variables, nhwc, None, False, not train, rngs=rngs))
 
     def gradients(
         self, model: Any, pixels: np.ndarray, labels: np.ndarray, train: bool, draw: int = 0
@@ -252,6 +302,28 @@ class FlaxTwin:
             return float(loss)
 
         return step
+
+    def drop_path_traces(self, model: Any, pixels: np.ndarray, draw: int = 0) -> list[BlockTrace]:
+        layers: list[tuple[np.ndarray, np.ndarray]] = []
+        drops: list[tuple[float, np.ndarray, np.ndarray]] = []
+
+        def record(call: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
+            out = call(*args, **kwargs)
+            if context.method_name == "__call__" and isinstance(context.module, FlaxViTLayer):
+                layers.append((np.asarray(args[0]), np.asarray(out[0])))
+            elif context.method_name == "__call__" and isinstance(context.module, FlaxViTDropPath):
+                drops.append((context.module.rate, np.asarray(args[0]), np.asarray(out)))
+            return out
+
+        nhwc = jnp.asarray(pixels.transpose(0, 2, 3, 1))
+        with nn.intercept_methods(record):  # not jitted: every array is concrete
+            model.module.apply(
+                {"params": model.params},
+                nhwc,
+                deterministic=False,
+                rngs={"dropout": jax.random.PRNGKey(draw)},
+            )
+        return block_traces(layers, drops)
 
     def weights(self, model: Any) -> dict[str, np.ndarray]:
         return _flat(model.params)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ MAX_DIFFS: dict[str, float] = {}
 
 
 def record_max_diff(name: str, diff: float) -> None:
-    MAX_DIFFS[name] = max(diff, MAX_DIFFS.get(name, 0.0))
+    MAX_DIFFS[name] = max(float(diff), MAX_DIFFS.get(name, 0.0))  # numpy's: JSON
 
 
 def random_canonical_weights(
@@ -62,6 +63,9 @@ def architectures(draw: st.DrawFn) -> tuple[ViTConfig, ModelKind]:
     use_class_token = draw(st.booleans())
     pooling = draw(st.sampled_from(["cls", "mean", "map"] if use_class_token else ["mean", "map"]))
     final_norm = draw(st.booleans())
+    distilled = use_class_token and pooling == "cls" and draw(st.booleans())
+    # a distilled classifier's heads read the tokens themselves, never a pooler
+    uses_pooler = classifier and not distilled and draw(st.booleans())
     config = ViTConfig(
         hidden_size=heads * draw(st.sampled_from([4, 8])),
         num_hidden_layers=draw(st.integers(1, 3)),
@@ -77,11 +81,11 @@ def architectures(draw: st.DrawFn) -> tuple[ViTConfig, ModelKind]:
         qkv_bias=draw(st.booleans()),
         use_class_token=use_class_token,
         pooling_type=pooling,
-        classifier_uses_pooler=classifier and draw(st.booleans()),
+        classifier_uses_pooler=uses_pooler,
         num_labels=draw(st.sampled_from([0, 1, 3])) if classifier else 2,
         # the family switches (docs/families.md)
         num_register_tokens=draw(st.sampled_from([0, 0, 1, 4])),
-        use_distillation_token=use_class_token and pooling == "cls" and draw(st.booleans()),
+        use_distillation_token=distilled,
         no_embed_class=draw(st.booleans()),
         layerscale_value=draw(st.sampled_from([None, 0.3])),
         use_pre_norm=draw(st.booleans()),
@@ -97,7 +101,25 @@ def architectures(draw: st.DrawFn) -> tuple[ViTConfig, ModelKind]:
     return config, kind
 
 
-SHIPPED = Path(__file__).resolve().parents[2] / "vit_core" / "assets" / "vit-digits"
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "vit_core" / "assets" / "vit-digits"
+
+
+def load_script(name: str) -> Any:
+    """scripts/NAME.py as a module (the scripts import each other by plain name)."""
+    import importlib.util
+    import sys
+
+    scripts = str(ROOT / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(scripts)
+    return module
 
 
 def training_digits(count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,6 +159,41 @@ def tiny_config(**fields: Any) -> ViTConfig:
 # With dropout on: both twins' model tests use it.
 TINY_DROPOUT_CONFIG = tiny_config(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
 
+# Each family the converter writes (docs/families.md), as `tiny_config` fields and the
+# model kind its folders hold: for tests that must cover every family (the exports).
+FAMILIES: dict[str, tuple[dict[str, Any], ModelKind]] = {
+    "vit": ({}, ModelKind(classifier=True, pooler=False)),
+    "vit-pooler": ({}, ModelKind(classifier=False, pooler=True)),
+    "deit-distilled": (
+        {"use_distillation_token": True},
+        ModelKind(classifier=True, pooler=False),
+    ),
+    "deit3": (
+        {"layerscale_value": 0.3, "no_embed_class": True},
+        ModelKind(classifier=True, pooler=False),
+    ),
+    "dinov2-registers": (
+        {"num_register_tokens": 4, "no_embed_class": True, "layerscale_value": 0.3},
+        ModelKind(classifier=False, pooler=False),
+    ),
+    "dinov2-swiglu": (
+        {"use_swiglu_ffn": True, "hidden_act": "silu", "layerscale_value": 0.3},
+        ModelKind(classifier=False, pooler=False),
+    ),
+    "clip": (
+        {"use_pre_norm": True, "patch_embedding_bias": False, "hidden_act": "quick_gelu"},
+        ModelKind(classifier=False, pooler=False),
+    ),
+    "siglip-map": (
+        {"use_class_token": False, "pooling_type": "map"},
+        ModelKind(classifier=False, pooler=False),
+    ),
+    "gap-fc-norm": (
+        {"use_class_token": False, "pooling_type": "mean", "use_fc_norm": True},
+        ModelKind(classifier=True, pooler=False),
+    ),
+}
+
 
 def write_photos(
     root: Path,
@@ -166,3 +223,88 @@ def write_photos(
         else:
             (root / name).write_text({"empty": "", "text": "not an image"}[how])
     return root
+
+
+# The `finetune` settings of the tests' runs on the small digits folder (tests/conftest.py's
+# `digits_folder`): the shipped model at 16x16, 3 epochs of 3 steps of 16 digits, every
+# part of the recipe switched on (warm-up, cosine, layer decay, label smoothing, crops).
+FINETUNE_ARGS = (
+    *("--image-size", "16", "--epochs", "3", "--batch-size", "16", "--lr", "2e-3"),
+    *("--warmup-steps", "2", "--layer-decay", "0.8", "--crop-scale", "0.5", "1"),
+    *("--workers", "1"),
+)
+
+
+@dataclass
+class FinetuneRun:
+    """One `python -m vit_core finetune` run in this process: its OUT, exit status, output."""
+
+    out: Path
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_finetune(data: Path, out: Path, *args: str) -> FinetuneRun:
+    """`finetune --data DATA -o OUT` with `FINETUNE_ARGS` and `args` (later flags win),
+    run through the command line's `main`, its output captured."""
+    import contextlib
+
+    from vit_core.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = ["finetune", "--data", str(data), "-o", str(out), *FINETUNE_ARGS, *args]
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(argv)
+    return FinetuneRun(out, code, stdout.getvalue(), stderr.getvalue())
+
+
+# The fused qkv bias's key part has a zero gradient in exact arithmetic (a constant added
+# to every key shifts each query's scores alike, which softmax ignores), so AdamW's first
+# steps, lr * g / (|g| + eps), turn rounding noise in g into moves of up to lr: two runs
+# that sum a gradient in other orders (another framework, another process count) move it
+# apart by up to about lr per step, without any effect on the model's outputs.
+KEY_BIAS = "attention.attention.key.bias"
+
+
+def finetune_differences(
+    got: Path, want: Path, backends: tuple[str, str], pixels: np.ndarray
+) -> dict[str, float]:
+    """How far apart two fine-tuned folders are (`got` run in backends[0], `want` in
+    backends[1]): the largest weight difference (canonical keys, the key biases aside), the
+    largest key-bias one, the largest logit difference on `pixels`, and the largest relative
+    difference of the epochs' mean losses."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    from vit_core import load
+    from vit_core.backend import get_backend
+
+    a, b = load_file(got / WEIGHTS_NAME), load_file(want / WEIGHTS_NAME)
+    assert a.keys() == b.keys()
+    diffs = {k: float(np.abs(a[k] - b[k]).max()) for k in a}
+    logits = [
+        get_backend(backend).run(load(folder, backend=backend), pixels)["logits"]
+        for folder, backend in ((got, backends[0]), (want, backends[1]))
+    ]
+    losses = [
+        np.array([h["loss"] for h in json.loads((f / "finetune.json").read_text())["history"]])
+        for f in (got, want)
+    ]
+    return {
+        "weights": max(v for k, v in diffs.items() if not k.endswith(KEY_BIAS)),
+        "key bias": max(v for k, v in diffs.items() if k.endswith(KEY_BIAS)),
+        "logits": float(np.abs(logits[0] - logits[1]).max()),
+        "loss": float(np.max(np.abs(losses[0] - losses[1]) / np.abs(losses[1]))),
+    }
+
+
+def folder_pixels(folder: Path, model: Path) -> np.ndarray:
+    """Every image under `folder` (sorted) through `model`'s processor."""
+    from vit_core.batching import images_in_folder
+    from vit_core.processing import ViTImageProcessor, open_image
+
+    processor = ViTImageProcessor.from_pretrained(model)
+    images = [open_image(p) for p in images_in_folder(folder)]
+    return processor(images, return_tensors="np")["pixel_values"]

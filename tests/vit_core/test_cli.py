@@ -130,7 +130,9 @@ def test_debug_shows_the_traceback() -> None:
     assert "Traceback" in result.stderr and "ImageError" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["demo", "predict", "embed", "explain", "info"])
+@pytest.mark.parametrize(
+    "command", ["demo", "predict", "embed", "explain", "info", "export", "finetune"]
+)
 def test_every_help_shows_an_example(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

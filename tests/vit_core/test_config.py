@@ -9,14 +9,14 @@ import pytest
 import transformers
 
 from vit_core import ConfigError, ViTConfig, ViTError
-from vit_core.config import EXTENSION_FIELDS
+from vit_core.config import EXTENSION_FIELDS, TRAINING_FIELDS
 
 
 def test_defaults_equal_transformers() -> None:
     ours = json.loads(ViTConfig().to_json_string())
     theirs = json.loads(transformers.ViTConfig().to_json_string(use_diff=False))
     for key, value in ours.items():
-        if key in EXTENSION_FIELDS:
+        if key in EXTENSION_FIELDS or key in TRAINING_FIELDS:
             continue
         assert theirs[key] == value, key
     hf_only = set(theirs) - set(ours)
@@ -104,6 +104,8 @@ def test_preset_resolution_must_divide() -> None:
         ({"hidden_act": "gelu_magic"}, "hidden_act='gelu_magic' is not supported"),
         ({"layer_norm_eps": 0.0}, "layer_norm_eps must be > 0"),
         ({"hidden_dropout_prob": 1.0}, "hidden_dropout_prob must be in"),
+        ({"drop_path_rate": 1.0}, r"drop_path_rate must be in \[0, 1\); got 1.0"),
+        ({"drop_path_rate": -0.1}, "drop_path_rate must be in"),
         ({"image_size": "big"}, r"image_size must be a positive int or \[height, width\]"),
         ({"num_labels": 3, "id2label": {0: "a", 1: "b"}}, "num_labels=3 but id2label has 2"),
         ({"id2label": {0: "a", 2: "b"}}, "id2label keys must be 0..1"),
@@ -116,6 +118,22 @@ def test_preset_resolution_must_divide() -> None:
 def test_validation_names_the_field(fields: dict[str, object], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         ViTConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_drop_path_rate_round_trips_and_leaves_the_inference_function_alone(
+    tmp_path: Path,
+) -> None:
+    """A training field: written and read back (here and by transformers, which keeps it as
+    an attribute), and no departure from transformers' ViT (`transformers_compatible`)."""
+    config = ViTConfig(num_hidden_layers=4, drop_path_rate=0.3)
+    assert ViTConfig.from_dict(json.loads(config.to_json_string())) == config
+    config.save_pretrained(tmp_path)
+    assert ViTConfig.from_pretrained(tmp_path).drop_path_rate == 0.3
+    assert transformers.ViTConfig.from_pretrained(tmp_path).drop_path_rate == 0.3
+    assert config.transformers_compatible
+    assert config.drop_path_rates == pytest.approx((0.0, 0.1, 0.2, 0.3))
+    assert ViTConfig(num_hidden_layers=1, drop_path_rate=0.3).drop_path_rates == (0.0,)
+    assert ViTConfig().drop_path_rates == (0.0,) * 12
 
 
 def test_imagenet_label_set_with_repeated_names_is_accepted() -> None:

@@ -193,7 +193,7 @@ def test_refusals_come_before_ray_starts(photos: Path, tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     with pytest.raises(OutputExistsError, match="pass --force to replace it"):
         ray_embed(photos, SHIPPED, tmp_path / "out")
-    with pytest.raises(InputError, match="the torch backend of this package runs on the CPU"):
+    with pytest.raises(InputError, match="reserves GPUs for actors whose torch model would run"):
         ray_embed(photos, SHIPPED, tmp_path / "new", num_gpus_per_actor=1)
     with pytest.raises(InputError, match="top_k=0: needs at least 1"):
         ray_predict(photos, SHIPPED, tmp_path / "new", top_k=0)

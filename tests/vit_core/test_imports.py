@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("vit_core", "vit_torch", "vit_flax", "conversion")
-# Names the framework-neutral core may never import: frameworks, and the twins, which it
+PACKAGES = ("vit_core", "vit_torch", "vit_flax", "vit_onnx", "conversion")
+# Names the framework-neutral core may never import: frameworks, and the backends, which it
 # reaches only through `vit_core.backend.REGISTRY` (module names as strings).
 FORBIDDEN_IN_CORE = ("torch", "torchvision", "torchao", "jax", "jaxlib", "flax", "optax")
-FORBIDDEN_IN_CORE += ("tensorflow", "vit_torch", "vit_flax", "conversion")
+FORBIDDEN_IN_CORE += ("onnx", "onnxruntime", "onnxscript", "tensorflow")
+FORBIDDEN_IN_CORE += ("vit_torch", "vit_flax", "vit_onnx", "conversion")
 
 
 def module_name(path: Path) -> str:

@@ -9,6 +9,7 @@ import transformers
 
 from vit_core import ViTConfig
 from vit_core.layout import (
+    MIM_KIND,
     TABLE,
     ModelKind,
     expected_shapes,
@@ -33,6 +34,7 @@ SMALL = {
     [
         (transformers.ViTForImageClassification, ModelKind(classifier=True, pooler=False), True),
         (transformers.ViTModel, ModelKind(classifier=False, pooler=True), False),
+        (transformers.ViTForMaskedImageModeling, MIM_KIND, True),
     ],
 )
 def test_expected_shapes_are_transformers_state_dict(

@@ -30,6 +30,7 @@ SHIPPED_FILES = (
     "vit_core/timm_names.json",
     "vit_torch/py.typed",
     "vit_flax/py.typed",
+    "vit_onnx/py.typed",
 )
 
 
