@@ -36,6 +36,12 @@ BOUND = 1e-5
 # What each recorded comparison holds our twins to, by the start of its name (tests name
 # their comparisons "<reference>...: <output>"); the first matching pattern wins.
 PARITY_GROUPS = (
+    (r"torch b?float16 vs float32", "half precision vs float32, / output scale (2^-3, 2^-6)"),
+    (r"(torch|flax|twins:) MIM", "masked image modeling vs transformers' PyTorch model, twins"),
+    (r"(onnx|stablehlo)", "exported files (onnxruntime, jax.export) vs their twin"),
+    (r"hub ", "repo ids from the local Hugging Face cache vs transformers, timm, conversion"),
+    (r"gradient checkpointing", "gradient checkpointing on vs off: every gradient"),
+    (r"(finetune|finetuned|torch DDP|JAX, 2)", "finetune: torch vs flax, 2 processes vs 1"),
     (r"twins: forward_intermediates", "our torch vs our flax: forward_intermediates"),
     (r"timm forward_intermediates", "timm's forward_intermediates vs our twins"),
     (r"twins: ", "our torch vs our flax, random architectures (hypothesis), every output"),
@@ -47,6 +53,7 @@ PARITY_GROUPS = (
     (r"timm resample", "load-time resize vs timm's resample_abs_pos_embed"),
     (r"timm ", "timm checkpoints, converted, vs timm"),
     (r"jax npz", "original JAX / AugReg / big_vision .npz, converted, vs timm's loader"),
+    (r"sincos2d", "big_vision's fixed sin-cos position table vs big_vision's formula"),
     (r"hf ", "Hugging Face checkpoints (safetensors, .bin, sharded, msgpack), converted"),
     (r"resample ", "position-embedding resampling vs its anchors (torch, timm, scipy)"),
     (r"(load-time|resized|head replaced|new-head)", "load-time resizing and head replacement"),

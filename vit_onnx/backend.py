@@ -375,13 +375,16 @@ def _config(file: Path, metadata: Mapping[str, str]) -> ViTConfig:
 
 
 def _kind(file: Path, metadata: Mapping[str, str]) -> ModelKind:
+    """The model kind the file was exported from. Fields with a default (added to
+    `ModelKind` after a file was written) may be absent; unknown ones are refused."""
     fields = {f.name for f in dataclasses.fields(ModelKind)}
+    required = {f.name for f in dataclasses.fields(ModelKind) if f.default is dataclasses.MISSING}
     data = (
         _metadata_json(file, metadata, KIND_METADATA_KEY) if KIND_METADATA_KEY in metadata else None
     )
     if (
         not isinstance(data, dict)
-        or set(data) != fields
+        or not required <= set(data) <= fields
         or not all(isinstance(v, bool) for v in data.values())
     ):
         raise CheckpointError(
@@ -399,7 +402,7 @@ def _processor(file: Path, metadata: Mapping[str, str]) -> ViTImageProcessor | N
         raise ConfigError(f"{file}: metadata entry {PROCESSOR_NAME!r} is not a JSON object")
     try:
         return ViTImageProcessor.from_dict(data)
-    except (ViTError, TypeError) as exc:
+    except (ViTError, TypeError, ValueError) as exc:
         raise ConfigError(f"{file}: {PROCESSOR_NAME} in its metadata: {exc}") from None
 
 

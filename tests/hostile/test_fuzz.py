@@ -212,7 +212,11 @@ def _only_package_errors(call: Callable[[], Any]) -> None:
 
 # ------------------------------------------------------------------ vit_core.load
 # A backend that builds nothing: the fuzzing is of the reading and checking, not of torch.
-NO_MODEL = types.SimpleNamespace(check_options=lambda *a, **k: None, build=lambda *a, **k: None)
+NO_MODEL = types.SimpleNamespace(
+    check_options=lambda *a, **k: None,
+    resolve_device=lambda *a, **k: None,
+    build=lambda *a, **k: None,
+)
 
 
 @_settings(600)

@@ -222,7 +222,8 @@ from vit_core.cli import main
 
 devices = int(os.environ["EXPECT_DEVICES"])
 assert jax.device_count() == devices, jax.devices()
-sharded = ShardedFlaxModel(type("M", (), {"params": {"w": np.ones(2)}})())
+module = type("Module", (), {"dtype": np.float32})()  # the compute dtype pixels take
+sharded = ShardedFlaxModel(type("M", (), {"params": {"w": np.ones(2)}, "module": module})())
 x = sharded.shard(np.zeros((3, 3, 8, 8), np.float32))  # 3 images: padded to a multiple
 assert x.shape[0] == 3 + (-3 % devices) and len(x.addressable_shards) == devices
 assert {s.data.shape[0] for s in x.addressable_shards} == {x.shape[0] // devices}
