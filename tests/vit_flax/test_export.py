@@ -51,12 +51,9 @@ def exported(
     return model, path
 
 
-# Every family at its config's size; at another size (resampled in numpy at load, so the
-# program differs only in its grid) the three position-table layouts: class token only,
-# class and distillation tokens with positions, registers without (no_embed_class).
-CASES = [(family, None) for family in FAMILIES] + [
-    (family, OTHER_SIZE) for family in ("vit", "deit-distilled", "dinov2-registers")
-]
+# Every family at its config's size and at another (resampled in numpy at load, so the
+# program differs in its grid).
+CASES = [(family, size) for family in FAMILIES for size in (None, OTHER_SIZE)]
 
 
 @pytest.mark.parametrize(

@@ -47,30 +47,31 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 TOL = 1e-5
 SIZES: dict[str, tuple[int, int] | None] = {"224": None, "160x256": (160, 256)}
+BOTH = tuple(SIZES)  # every family at the config's 224 px and resampled to 160 x 256
 CLASSIFIER = ModelKind(classifier=True, pooler=False)
 ENCODER = ModelKind(classifier=False, pooler=False)
 # family -> (config switches, kind, the sizes it runs at); the converter's families
 FAMILIES: dict[str, tuple[dict[str, Any], ModelKind, tuple[str, ...]]] = {
-    "vit-classifier": ({}, CLASSIFIER, ("224", "160x256")),
-    "vit-pooler": ({}, ModelKind(classifier=False, pooler=True), ("160x256",)),
-    "dinov2": ({"layerscale_value": 0.3, "layer_norm_eps": 1e-6}, ENCODER, ("224",)),
+    "vit-classifier": ({}, CLASSIFIER, BOTH),
+    "vit-pooler": ({}, ModelKind(classifier=False, pooler=True), BOTH),
+    "dinov2": ({"layerscale_value": 0.3, "layer_norm_eps": 1e-6}, ENCODER, BOTH),
     "dinov2-registers": (
         {"num_register_tokens": 4, "no_embed_class": True, "layerscale_value": 0.3},
         ENCODER,
-        ("160x256",),
+        BOTH,
     ),
-    "deit-distilled": ({"use_distillation_token": True}, CLASSIFIER, ("224",)),
-    "deit3": ({"layerscale_value": 0.3, "no_embed_class": True}, CLASSIFIER, ("160x256",)),
+    "deit-distilled": ({"use_distillation_token": True}, CLASSIFIER, BOTH),
+    "deit3": ({"layerscale_value": 0.3, "no_embed_class": True}, CLASSIFIER, BOTH),
     "clip": (
         {"use_pre_norm": True, "patch_embedding_bias": False, "hidden_act": "quick_gelu"},
         ENCODER,
-        ("224",),
+        BOTH,
     ),
-    "siglip-map": ({"use_class_token": False, "pooling_type": "map"}, ENCODER, ("160x256",)),
+    "siglip-map": ({"use_class_token": False, "pooling_type": "map"}, ENCODER, BOTH),
     "gap-fc_norm": (
         {"use_class_token": False, "pooling_type": "mean", "use_fc_norm": True},
         CLASSIFIER,
-        ("224",),
+        BOTH,
     ),
     # RADIO's registers and positions, InternViT's LayerScale: without a final norm the
     # outputs are the raw residual stream, whose float32 rounding LayerScale keeps small
@@ -82,9 +83,9 @@ FAMILIES: dict[str, tuple[dict[str, Any], ModelKind, tuple[str, ...]]] = {
             "layerscale_value": 0.3,
         },
         ENCODER,
-        ("224",),
+        BOTH,
     ),
-    "swiglu": ({"use_swiglu_ffn": True, "hidden_act": "silu"}, CLASSIFIER, ("160x256",)),
+    "swiglu": ({"use_swiglu_ffn": True, "hidden_act": "silu"}, CLASSIFIER, BOTH),
 }
 CASES = [(family, size) for family, (_, _, sizes) in FAMILIES.items() for size in sizes]
 
