@@ -105,6 +105,18 @@ def arrange(
     return patches
 
 
+def check_has_blocks_to_read(model: Any) -> None:
+    """Refuse a masked-image-modeling model in the backends' `intermediates`: its blocks
+    are its encoder's, read from the encoder model (as timm's and transformers' pretraining
+    heads offer no `forward_intermediates` either)."""
+    kind = getattr(model, "kind", None)
+    if kind is not None and kind.decoder:
+        raise InputError(
+            f"{type(model).__name__}: intermediate layers are read from the encoder; load "
+            "this masked-image-modeling folder with model_type='base' for them"
+        )
+
+
 # How the backends' `intermediates` call `forward_intermediates`: every token of each block
 # asked for (`all_tokens` joins them again), and no block after the last one.
 BACKEND_OPTIONS: dict[str, Any] = {

@@ -40,6 +40,8 @@ WEIGHTS_NAME = "model.safetensors"
 # written by `vit_torch.export`, read by `vit_onnx.backend`.
 ONNX_NAME = "model.onnx"
 KIND_METADATA_KEY = "model_kind"
+# The one input of an exported file (ONNX, StableHLO): transformers' argument name.
+EXPORT_INPUT_NAME = "pixel_values"
 BASE_PREFIX = "vit."
 MASK_TOKEN = "embeddings.mask_token"
 DECODER = "decoder."  # the masked-image-modeling decoder's keys (top level, as the heads')

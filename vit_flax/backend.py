@@ -24,7 +24,7 @@ from vit_core.backend import Outputs, as_numpy_outputs, class_to_build, warn_if_
 from vit_core.batching import Batch, threaded_batches
 from vit_core.config import ViTConfig
 from vit_core.errors import InputError
-from vit_core.intermediates import BACKEND_OPTIONS, all_tokens
+from vit_core.intermediates import BACKEND_OPTIONS, all_tokens, check_has_blocks_to_read
 from vit_core.layout import MASKED_IMAGE_MODELING, ModelKind
 from vit_flax.modeling import (
     FlaxViTForImageClassification,
@@ -195,6 +195,7 @@ def intermediates(
     interpolate_pos_encoding: bool | str = False,
 ) -> list[np.ndarray]:
     """The blocks' outputs (`vit_core.backend.Backend.intermediates`; waits for the device)."""
+    check_has_blocks_to_read(model)
     taken = model.forward_intermediates(
         as_input(model, pixels),
         indices,

@@ -50,6 +50,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from vit_core.errors import CheckpointError, InputError
+from vit_core.layout import EXPORT_INPUT_NAME as INPUT_NAME
 from vit_flax.modeling import FlaxViTForImageClassification, FlaxViTModel
 
 ExportableModel = FlaxViTModel | FlaxViTForImageClassification
@@ -57,7 +58,6 @@ ExportableModel = FlaxViTModel | FlaxViTForImageClassification
 FORMAT = "vit-twin-stablehlo"
 FORMAT_VERSION = 1
 MANIFEST, PROGRAM, WEIGHTS = "manifest.json", "program.bin", "weights.safetensors"
-INPUT_NAME = "pixel_values"
 BATCH = "b"  # the symbolic batch dimension's name
 # A metadata entry becomes a member of its name: a plain file name, never a path.
 _MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -39,11 +39,11 @@ from vit_core.backend import Outputs, as_numpy_outputs
 from vit_core.batching import Batch, threaded_batches
 from vit_core.config import CONFIG_NAME, ViTConfig
 from vit_core.errors import CheckpointError, ConfigError, InputError, LayoutError, ViTError
+from vit_core.layout import EXPORT_INPUT_NAME as INPUT_NAME
 from vit_core.layout import KIND_METADATA_KEY, ONNX_NAME, ModelKind
 from vit_core.outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
 from vit_core.processing import PROCESSOR_NAME, ViTImageProcessor
 
-INPUT_NAME = "pixel_values"
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 # What onnxruntime raises on a file it cannot read or a graph it cannot run.
 ORT_ERRORS: tuple[type[Exception], ...] = (

@@ -21,7 +21,7 @@ from vit_core.backend import Outputs, as_numpy_outputs, class_to_build, warn_if_
 from vit_core.batching import Batch, ImageFiles, collate, useful_workers
 from vit_core.config import ViTConfig
 from vit_core.errors import InputError
-from vit_core.intermediates import BACKEND_OPTIONS, all_tokens
+from vit_core.intermediates import BACKEND_OPTIONS, all_tokens, check_has_blocks_to_read
 from vit_core.layout import MASKED_IMAGE_MODELING, ModelKind
 from vit_torch.modeling import ViTForImageClassification, ViTForMaskedImageModeling, ViTModel
 from vit_torch.weights import assign_internal_weights
@@ -286,6 +286,7 @@ def _eager_vit(model: torch.nn.Module) -> ViTModel | ViTForImageClassification:
 
     if isinstance(model, CompiledViT):
         model = model.model
+    check_has_blocks_to_read(model)
     if not isinstance(model, ViTModel | ViTForImageClassification):
         raise InputError(
             f"cannot read intermediate layers from {type(model).__name__}: it has no blocks "

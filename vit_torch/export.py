@@ -36,13 +36,13 @@ from torch import nn
 from vit_core._io import atomic_path
 from vit_core.config import CONFIG_NAME
 from vit_core.errors import InputError
+from vit_core.layout import EXPORT_INPUT_NAME as INPUT_NAME
 from vit_core.layout import KIND_METADATA_KEY
 from vit_core.outputs import ModelOutput
 from vit_torch.modeling import ViTForImageClassification, ViTModel
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # torch's ONNX op library is written for 18; lower is silently raised to it
-INPUT_NAME = "pixel_values"
 BATCH_AXIS = "batch"
 # One .onnx file is one protobuf message, which cannot exceed 2 GiB; larger models (ViT-H,
 # ViT-g) would need ONNX's external-data files beside it, which this writer does not make.

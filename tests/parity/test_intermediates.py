@@ -27,7 +27,7 @@ from conversion import convert
 from vit_core import InputError
 from vit_core.backend import BACKENDS, get_backend
 from vit_core.intermediates import take_indices
-from vit_core.layout import ModelKind
+from vit_core.layout import MIM_KIND, ModelKind
 
 timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -285,3 +285,16 @@ def test_torch_backend_reads_the_eager_model_of_a_compiled_one(tmp_path: Path) -
         InputError, match=r"cannot read intermediate layers from Identity: .* int8-static"
     ):
         twin.intermediates(torch.nn.Identity(), pixels, [1], norm=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_intermediates_of_a_masked_image_modeling_model_say_where_they_are(
+    tmp_path: Path, backend: str
+) -> None:
+    write_folder(tmp_path, tiny_config(encoder_stride=4), MIM_KIND, seed=0)
+    model = vit_core.load(tmp_path, backend)
+    pixels = np.zeros((1, 3, *model.config.image_hw), np.float32)
+    with pytest.raises(InputError, match="load this masked-image-modeling folder with model_type"):
+        get_backend(backend).intermediates(model, pixels, [0], norm=False)
+    encoder = vit_core.load(tmp_path, backend, model_type="base")
+    assert len(get_backend(backend).intermediates(encoder, pixels, [0], norm=False)) == 1
