@@ -858,11 +858,16 @@ def main_cuda(args: argparse.Namespace) -> int:
     print(report)
     if args.quick:
         return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench-cuda.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (args.out / "bench-cuda.md").write_text(report + "\n")
-    print(f"wrote {args.out}/bench-cuda.json, bench-cuda.md")
+    write_report(args.out, "bench-cuda", payload, report)
     return 0
+
+
+def write_report(out: Path, stem: str, payload: dict[str, Any], report: str) -> None:
+    """A run's figures as `stem`.json and its report as `stem`.md, in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(report + "\n")
+    print(f"wrote {out}/{stem}.json, {stem}.md")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -906,11 +911,9 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if args.quick:
         return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (args.out / "bench.md").write_text(report + "\n")
+    write_report(args.out, "bench", payload, report)
     plot(results, max(before, after), args.out / "bench.png")
-    print(f"wrote {args.out}/bench.json, bench.md, bench.png")
+    print(f"wrote {args.out}/bench.png")
     return 0
 
 

@@ -365,13 +365,19 @@ def _config(file: Path, metadata: Mapping[str, str]) -> ViTConfig:
             f"{', '.join(sorted(metadata)) or 'none'}), so what it computes is unknown; it "
             f"was not written by this package: {export_hint()}"
         )
-    data = _metadata_json(file, metadata, CONFIG_NAME)
+    return _metadata_object(file, metadata, CONFIG_NAME, ViTConfig.from_dict)
+
+
+def _metadata_object(file: Path, metadata: Mapping[str, str], name: str, build: Any) -> Any:
+    """`build(JSON object)` of the metadata entry `name` (a config or processor): an entry
+    that is not a JSON object, or that `build` refuses, is a `ConfigError` naming it."""
+    data = _metadata_json(file, metadata, name)
     if not isinstance(data, dict):
-        raise ConfigError(f"{file}: metadata entry {CONFIG_NAME!r} is not a JSON object")
+        raise ConfigError(f"{file}: metadata entry {name!r} is not a JSON object")
     try:
-        return ViTConfig.from_dict(data)
+        return build(data)
     except (ViTError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{file}: {CONFIG_NAME} in its metadata: {exc}") from None
+        raise ConfigError(f"{file}: {name} in its metadata: {exc}") from None
 
 
 def _kind(file: Path, metadata: Mapping[str, str]) -> ModelKind:
@@ -397,13 +403,10 @@ def _kind(file: Path, metadata: Mapping[str, str]) -> ModelKind:
 def _processor(file: Path, metadata: Mapping[str, str]) -> ViTImageProcessor | None:
     if PROCESSOR_NAME not in metadata:
         return None
-    data = _metadata_json(file, metadata, PROCESSOR_NAME)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file}: metadata entry {PROCESSOR_NAME!r} is not a JSON object")
-    try:
-        return ViTImageProcessor.from_dict(data)
-    except (ViTError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{file}: {PROCESSOR_NAME} in its metadata: {exc}") from None
+    processor: ViTImageProcessor = _metadata_object(
+        file, metadata, PROCESSOR_NAME, ViTImageProcessor.from_dict
+    )
+    return processor
 
 
 def _check_signature(
