@@ -9,7 +9,7 @@ classes, float32 on the CPU. Every implementation builds the same architecture (
 transformers' from one random-weight folder, timm's `VisionTransformer` of the same sizes
 with its own random weights: neither memory nor speed depends on the values). Gradient
 checkpointing is each library's own switch: our `gradient_checkpointing_enable()` (torch:
-non-reentrant `torch.utils.checkpoint`; Flax: `nn.remat`), timm's
+non-reentrant `torch.utils.checkpoint`; Flax: a checkpointed `lax.scan` over the blocks), timm's
 `set_grad_checkpointing()`, transformers' `gradient_checkpointing_enable()` (asked for
 non-reentrant, like ours). transformers' Flax ViT has no checkpointing, so it has no row.
 

@@ -327,6 +327,12 @@ class ViTConfig:
         return self.use_final_norm and not self.use_fc_norm
 
     @property
+    def draws_masks(self) -> bool:
+        """Whether training draws random masks: dropout, attention dropout or drop path."""
+        rates = (self.hidden_dropout_prob, self.attention_probs_dropout_prob, self.drop_path_rate)
+        return any(rate > 0 for rate in rates)
+
+    @property
     def drop_path_rates(self) -> tuple[float, ...]:
         """Each block's stochastic-depth rate, timm's linear rule: 0 at the first block
         rising to `drop_path_rate` at the last, so the early blocks, whose features every

@@ -71,6 +71,12 @@ def _dense(
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=init, name=name)
 
 
+def _split(rng: Array | None, count: int) -> list[Array | None]:
+    """`count` keys from `rng` for the dropout sites of one module, or `count` Nones: each
+    site then draws from the "dropout" rng stream itself."""
+    return [None] * count if rng is None else list(jax.random.split(rng, count))
+
+
 def _layer_norm(config: ViTConfig, dtype: Any, name: str) -> nn.LayerNorm:
     # use_fast_variance=False: E[(x - mean)^2], as PyTorch computes it, not E[x^2] - mean^2.
     return nn.LayerNorm(
@@ -160,19 +166,22 @@ class ViTAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> tuple[Array, Array]:
+    def __call__(
+        self, x: Array, deterministic: bool, rng: Array | None = None
+    ) -> tuple[Array, Array]:
         config = self.config
+        probs_rng, out_rng = _split(rng, 2)
         batch, tokens, dim = x.shape
         qkv = _dense(3 * dim, config, self.dtype, "qkv", use_bias=config.qkv_bias)(x)
         qkv = qkv.reshape(batch, tokens, 3, config.num_attention_heads, -1)
         q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
         scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) * config.head_dim**-0.5
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        probs = nn.Dropout(config.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        probs = nn.Dropout(config.attention_probs_dropout_prob)(probs, deterministic, probs_rng)
         out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
         out = jnp.transpose(out, (0, 2, 1, 3)).reshape(batch, tokens, dim)
         out = _dense(dim, config, self.dtype, "proj")(out)
-        return nn.Dropout(config.hidden_dropout_prob)(out, deterministic=deterministic), probs
+        return nn.Dropout(config.hidden_dropout_prob)(out, deterministic, out_rng), probs
 
 
 class ViTMlp(nn.Module):
@@ -184,7 +193,7 @@ class ViTMlp(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
+    def __call__(self, x: Array, deterministic: bool, rng: Array | None = None) -> Array:
         config, width = self.config, self.config.intermediate_size
         x = _dense(2 * width if self.gated else width, config, self.dtype, "fc1")(x)
         if self.gated:
@@ -193,7 +202,7 @@ class ViTMlp(nn.Module):
         else:
             x = activation(config.hidden_act)(x)
         x = _dense(config.hidden_size, config, self.dtype, "fc2")(x)
-        return nn.Dropout(config.hidden_dropout_prob)(x, deterministic=deterministic)
+        return nn.Dropout(config.hidden_dropout_prob)(x, deterministic, rng)
 
 
 class ViTLayerScale(nn.Module):
@@ -213,49 +222,69 @@ class ViTDropPath(nn.Module):
     """Stochastic depth (Huang et al., 2016), as timm's `DropPath`: in training, each
     sample's residual branch is zeroed with probability `rate` and kept ones are scaled by
     1 / (1 - rate), so the expected output is unchanged; the identity when deterministic
-    and at rate 0. The masks come from the "dropout" rng stream, as dropout's do."""
+    and at rate 0. `rate` may be traced (a scanned block's, `ViTEncoder`); the mask comes
+    from `rng`, else from the "dropout" rng stream, as dropout's does."""
 
-    rate: float
+    rate: float | Array
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
-        # Dropout whose mask is broadcast over every axis but the batch drops whole samples.
-        per_sample = nn.Dropout(self.rate, broadcast_dims=tuple(range(1, x.ndim)))
-        return per_sample(x, deterministic=deterministic)
+    def __call__(self, x: Array, deterministic: bool, rng: Array | None = None) -> Array:
+        if deterministic or (isinstance(self.rate, float) and self.rate == 0.0):
+            return x
+        keep = 1.0 - jnp.asarray(self.rate, jnp.float32)
+        rng = self.make_rng("dropout") if rng is None else rng
+        kept = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(kept, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
 
 
 class ViTLayer(nn.Module):
     """Pre-norm block: x + drop_path(ls1(attention(norm1(x)))), then
     x + drop_path(ls2(mlp(norm2(x)))); `drop_path_rate` is this block's
-    (`ViTConfig.drop_path_rates`)."""
+    (`ViTConfig.drop_path_rates`). `rng`, when given, is the source of every mask the
+    block draws (the encoder's per-block key, so a scanned and an unrolled block draw the
+    same ones)."""
 
     config: ViTConfig
-    drop_path_rate: float = 0.0
+    drop_path_rate: float | Array = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> tuple[Array, Array]:
+    def __call__(
+        self, x: Array, deterministic: bool, rng: Array | None = None
+    ) -> tuple[Array, Array]:
         config, dtype = self.config, self.dtype
+        attention_rng, mlp_rng, drop_rng1, drop_rng2 = _split(rng, 4)
         scaled = config.layerscale_value is not None
         attended, probs = ViTAttention(config, dtype, name="attention")(
-            _layer_norm(config, dtype, "norm1")(x), deterministic
+            _layer_norm(config, dtype, "norm1")(x), deterministic, attention_rng
         )
         if scaled:
             attended = ViTLayerScale(config, dtype, name="ls1")(attended)
-        x = x + ViTDropPath(self.drop_path_rate, name="drop_path1")(attended, deterministic)
+        drop_path1 = ViTDropPath(self.drop_path_rate, name="drop_path1")
+        x = x + drop_path1(attended, deterministic, drop_rng1)
         mlp_out = ViTMlp(config, config.use_swiglu_ffn, dtype, name="mlp")(
-            _layer_norm(config, dtype, "norm2")(x), deterministic
+            _layer_norm(config, dtype, "norm2")(x), deterministic, mlp_rng
         )
         if scaled:
             mlp_out = ViTLayerScale(config, dtype, name="ls2")(mlp_out)
-        mlp_out = ViTDropPath(self.drop_path_rate, name="drop_path2")(mlp_out, deterministic)
+        mlp_out = ViTDropPath(self.drop_path_rate, name="drop_path2")(
+            mlp_out, deterministic, drop_rng2
+        )
         return x + mlp_out, probs
 
 
 class ViTEncoder(nn.Module):
-    """`gradient_checkpointing`: each block wrapped in `nn.remat`, so that under `jax.grad`
-    it keeps only its input and runs again in the backward pass (the same params, and the
-    same dropout and drop-path masks: its rngs are inputs, not state)."""
+    """The blocks, each stored as its own `layers_{i}` params.
+
+    `gradient_checkpointing`: under `jax.grad` each block keeps only its input and runs
+    again in the backward pass. The blocks then run as one `lax.scan` over their params,
+    stacked inside the step (the stored names stay), with `jax.checkpoint` on the step:
+    unrolled, XLA's CPU compiler drops the optimization barriers that keep a recomputation
+    apart and merges it with the forward's (a 12-block stack compiled to the same
+    temporaries with and without `jax.checkpoint`), while a loop body can only run one
+    block at a time. Every block draws its masks from its own key (`fold_in` of the
+    encoder's "dropout" rng with the block's index) in both forms, so a checkpointed step
+    draws what an unrolled one does."""
 
     config: ViTConfig
     dtype: Any = jnp.float32
@@ -273,20 +302,67 @@ class ViTEncoder(nn.Module):
         """The blocks in order: the first `num_layers` of them when given (what
         `forward_intermediates(stop_early=True)` runs; the later blocks' params go unread),
         else all."""
-        # static_argnums counts the module as 0: `deterministic` picks Python branches.
-        layer = nn.remat(ViTLayer, static_argnums=(2,)) if self.gradient_checkpointing else ViTLayer
-        rates = self.config.drop_path_rates
-        hidden_states, attentions = [x], []
-        for i in range(self.config.num_hidden_layers if num_layers is None else num_layers):
-            block = layer(self.config, rates[i], self.dtype, name=f"layers_{i}")
-            x, probs = block(x, deterministic)
-            hidden_states.append(x)
-            attentions.append(probs)
+        count = self.config.num_hidden_layers if num_layers is None else num_layers
+        # Without a rate above 0 training is deterministic, and needs no "dropout" rng.
+        deterministic = deterministic or not self.config.draws_masks
+        keys = None
+        if not deterministic and count:
+            rng = self.make_rng("dropout")
+            keys = jnp.stack([jax.random.fold_in(rng, i) for i in range(count)])
+        if self.gradient_checkpointing and count and not self.is_initializing():
+            y, outputs, attentions = self._scan(
+                x, deterministic, count, keys, output_hidden_states, output_attentions
+            )
+        else:
+            y, outputs, attentions = x, [], []
+            for i in range(count):
+                rate = self.config.drop_path_rates[i]
+                y, probs = ViTLayer(self.config, rate, self.dtype, name=f"layers_{i}")(
+                    y, deterministic, None if keys is None else keys[i]
+                )
+                outputs.append(y)
+                attentions.append(probs)
         return (
-            x,
-            tuple(hidden_states) if output_hidden_states else None,
+            y,
+            (x, *outputs) if output_hidden_states else None,
             tuple(attentions) if output_attentions else None,
         )
+
+    def _scan(
+        self,
+        x: Array,
+        deterministic: bool,
+        count: int,
+        keys: Array | None,
+        output_hidden_states: bool,
+        output_attentions: bool,
+    ) -> tuple[Array, list[Array], list[Array]]:
+        """The last block's output and, where asked, each block's output and attention
+        probabilities, from a checkpointed scan (what is not asked is not kept)."""
+        params = self.variables["params"]
+        stacked = jax.tree.map(
+            lambda *leaves: jnp.stack(leaves), *(params[f"layers_{i}"] for i in range(count))
+        )
+        # Traced rates only where they differ from 0 (a rate of 0 skips the draw).
+        rates = None
+        if self.config.drop_path_rate > 0:
+            rates = jnp.asarray(self.config.drop_path_rates[:count], jnp.float32)
+
+        def step(y: Array, block: tuple[Any, Array | None, Array | None]) -> tuple[Array, Any]:
+            weights, rate, key = block
+            layer = ViTLayer(self.config, 0.0 if rate is None else rate, self.dtype)
+            y, probs = layer.apply({"params": weights}, y, deterministic, key)
+            return y, (y if output_hidden_states else None, probs if output_attentions else None)
+
+        # In a loop body the forward's values cannot be reused by mistake: no CSE barrier.
+        step = jax.checkpoint(step, prevent_cse=False)
+        y, (outputs, attentions) = jax.lax.scan(step, x, (stacked, rates, keys))
+        return y, _unstacked(outputs), _unstacked(attentions)
+
+
+def _unstacked(stacked: Array | None) -> list[Array]:
+    """A scan's stacked per-block outputs as a list (none when it kept none)."""
+    return [] if stacked is None else list(stacked)
 
 
 class ViTProbeAttention(nn.Module):
@@ -717,10 +793,11 @@ class FlaxViTPreTrainedModel:
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each block in the backward pass instead of keeping its activations
-        (transformers' name, as in the torch twin): every block runs under `nn.remat`, so a
-        `jax.grad` of a training step holds one block's activations and each block's input
-        rather than every block's, for about one more forward pass of compute. The params
-        and the gradients are the same; the forward compiles again."""
+        (transformers' name, as in the torch twin): the blocks run as a `lax.scan` with a
+        `jax.checkpoint`ed step (`ViTEncoder`), so a `jax.grad` of a training step holds one
+        block's activations and each block's input rather than every block's, for about one
+        more forward pass of compute. The params, the masks drawn and the gradients are the
+        same; the forward compiles again."""
         self._set_module(self.module.clone(gradient_checkpointing=True))
 
     def gradient_checkpointing_disable(self) -> None:
@@ -755,7 +832,7 @@ class FlaxViTPreTrainedModel:
         **kwargs: Any,
     ) -> Any:
         self.config.check_pixel_shape(tuple(np.shape(pixel_values)), interpolate_pos_encoding)
-        if train and dropout_rng is None and self._has_dropout:
+        if train and dropout_rng is None and self.config.draws_masks:
             raise ValueError(
                 "train=True with dropout or drop_path_rate in the config needs a dropout_rng"
             )
@@ -796,17 +873,6 @@ class FlaxViTPreTrainedModel:
             interpolate_pos_encoding=interpolate_pos_encoding,
         )
         return intermediates if intermediates_only else (final, intermediates)
-
-    @property
-    def _has_dropout(self) -> bool:
-        """Whether training draws masks (dropout or drop path) from the "dropout" rng."""
-        config = self.config
-        rates = (
-            config.hidden_dropout_prob,
-            config.attention_probs_dropout_prob,
-            config.drop_path_rate,
-        )
-        return any(rate > 0 for rate in rates)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> Any:

@@ -59,6 +59,10 @@ FLAX_ONLY = {
     "module": "a Flax wrapper is handed its linen module; a torch model is its own module",
     "params": "Flax params live outside the module; torch's are its attributes",
     "dropout_rng": "torch draws dropout masks from its global generator",
+    "rng": (
+        "a block's masks come from the key the Flax encoder hands it (the same one scanned "
+        "or unrolled); torch's blocks draw from its global generator"
+    ),
     "train": "torch's `.train()` / `.eval()`",
     "_do_init": "transformers' Flax convention: a wrapper built without params",
     "gradient_checkpointing": (

@@ -221,12 +221,16 @@ def test_a_step_is_drawn_from_seed_and_step_and_checkpointing_changes_nothing(
     backend: str,
 ) -> None:
     """Trainers of one model (drop path on) take the same step to the same weights, and
-    with gradient checkpointing to the same weights too (to float32 rounding; the key
-    biases aside, `vit_test_support.KEY_BIAS`); another step number draws other masks."""
+    with gradient checkpointing to the same weights too (the key biases aside,
+    `vit_test_support.KEY_BIAS`); another step number draws other masks. "The same" to
+    float32 rounding of the gradients, which AdamW's first step, lr * g / (|g| + eps),
+    magnifies where a gradient is near 0 (the Flax twin's checkpointed blocks run in a
+    loop, fused otherwise): within 1e-3 of the step's lr."""
     training = get_training(backend)
     config = tiny_config(num_labels=3)
     pixels = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
     labels = np.arange(8) % 3
+    lr = 1e-2
     after = []
     for step, checkpointing in ((5, False), (5, False), (6, False), (5, True)):
         recipe = Recipe(
@@ -238,7 +242,7 @@ def test_a_step_is_drawn_from_seed_and_step_and_checkpointing_changes_nothing(
         )
         model = get_backend(backend).build(config, ModelKind(True, False), _weights(config))
         trainer = training.trainer(model, recipe, Processes(0, 1, "one process"))
-        trainer.step(pixels, labels, 1e-2, step)
+        trainer.step(pixels, labels, lr, step)
         after.append(trainer.weights())
     first, again, other, checkpointed = after
     assert all(np.array_equal(first[k], again[k]) for k in first)
@@ -249,7 +253,7 @@ def test_a_step_is_drawn_from_seed_and_step_and_checkpointing_changes_nothing(
         if k.endswith("attention.qkv.bias"):
             keep[width : 2 * width] = False
         np.testing.assert_allclose(
-            checkpointed[k][keep], first[k][keep], rtol=0, atol=1e-6, err_msg=k
+            checkpointed[k][keep], first[k][keep], rtol=0, atol=1e-3 * lr, err_msg=k
         )
 
 
